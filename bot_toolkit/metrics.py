@@ -140,7 +140,8 @@ class Metrics:
             for values, value in metric._samples():
                 if values:
                     labels = ",".join(
-                        f'{k}="{_escape(v)}"' for k, v in zip(metric.label_names, values, strict=True)
+                        f'{k}="{_escape(v)}"'
+                        for k, v in zip(metric.label_names, values, strict=True)
                     )
                     lines.append(f"{metric.name}{{{labels}}} {value:g}")
                 else:

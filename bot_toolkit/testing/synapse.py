@@ -1,6 +1,7 @@
 """Start and stop a throwaway Synapse homeserver on 127.0.0.1 with SQLite.
 
-Synapse must already be installed (the ``test`` or ``demo`` extra); nothing is installed at run time.
+Synapse must already be installed (the ``test`` or ``demo`` extra): nothing is installed
+at run time.
 The server listens on a free loopback port, has open registration and raised rate limits, and
 keeps everything in one temporary directory that :meth:`LocalSynapse.stop` removes.
 """
@@ -117,6 +118,8 @@ handlers:
 loggers:
   synapse.storage.SQL:
     level: WARNING
+  synapse.app:
+    level: INFO
 root:
   level: WARNING
   handlers: [file]
@@ -154,7 +157,23 @@ class LocalSynapse:
         return path
 
     def start(self, timeout: float = 90.0) -> LocalSynapse:
-        """Generate the config and keys, start Synapse and wait until it answers."""
+        """Generate the config and keys, start Synapse and wait until it answers.
+
+        The free port is picked before Synapse binds it, so another process can take it in
+        between; when the bind fails, this starts again on a new port (three tries).
+        """
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except SynapseError as e:
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
+                log.warning("port %d was taken; trying another", self.port)
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> LocalSynapse:
         config = self._write_config()
         cmd = [sys.executable, "-m", "synapse.app.homeserver", "-c", str(config)]
         env = {**os.environ, "SYNAPSE_ASYNC_IO_REACTOR": "0"}
@@ -170,14 +189,25 @@ class LocalSynapse:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise SynapseError(f"synapse exited with {self._proc.returncode}: {self._tail()}")
-            try:
-                self.request("GET", "/_matrix/client/versions", timeout=2)
-                log.info("synapse is up at %s", self.url)
-                return self
-            except (OSError, SynapseError):
-                time.sleep(0.2)
-        self.stop()
+            # Only trust an answer once our own process says it bound the port: another
+            # server could hold a recycled port.
+            if self._listening():
+                try:
+                    self.request("GET", "/_matrix/client/versions", timeout=2)
+                    log.info("synapse is up at %s", self.url)
+                    return self
+                except (OSError, SynapseError):
+                    pass
+            time.sleep(0.2)
+        self._stop_process()
         raise SynapseError(f"synapse did not answer within {timeout}s: {self._tail()}")
+
+    def _listening(self) -> bool:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return f"now listening on TCP port {self.port}" in text
 
     def _tail(self) -> str:
         parts = []
@@ -189,6 +219,11 @@ class LocalSynapse:
 
     def stop(self) -> None:
         """Stop the process and remove the directory this instance created."""
+        self._stop_process()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def _stop_process(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -197,8 +232,6 @@ class LocalSynapse:
                 self._proc.kill()
                 self._proc.wait(timeout=10)
         self._proc = None
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalSynapse:
         return self.start()
@@ -235,7 +268,11 @@ class LocalSynapse:
         return json.loads(raw) if raw else {}
 
     def register(
-        self, localpart: str | None = None, *, password: str | None = None, device_id: str | None = None
+        self,
+        localpart: str | None = None,
+        *,
+        password: str | None = None,
+        device_id: str | None = None,
     ) -> RegisteredUser:
         """Register a user (a unique localpart when none is given) and log in one device."""
         if localpart is None:
