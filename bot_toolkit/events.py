@@ -64,7 +64,8 @@ logger = logging.getLogger("bot_toolkit.events")
 
 _REDACTED = "<redacted>"
 
-Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""JSON-schema ``format: int64``."""
 
 
 class CancelCode(StrEnum):
@@ -199,7 +200,7 @@ class KeyVerificationRequest(VerificationEvent, frozen=True, kw_only=True):
 
     from_device: str
     methods: tuple[str, ...]
-    timestamp: Int64
+    timestamp: _Int64
 
 
 class KeyVerificationReady(VerificationEvent, frozen=True, kw_only=True):
@@ -600,7 +601,8 @@ def _action(event_type: str, data: dict[str, Any]) -> str:
         raise DecodeError(
             event_type,
             "content.action",
-            f"unknown action {action[:64]!r}, expected 'request' or 'request_cancellation'",
+            # The value is left out of the reason: reasons are logged once per distinct text.
+            "unknown action, expected 'request' or 'request_cancellation'",
         )
     return action
 
