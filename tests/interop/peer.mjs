@@ -548,32 +548,43 @@ const commands = {
     },
 
     /**
-     * Make the Rust crypto track user_id (as a shared encrypted room would) and run its
-     * /keys/query; with device_id, wait until that device is known. Without this (or a shared
-     * room) the SDK silently ignores verification requests from the user's devices.
+     * Make the Rust crypto track user_id (as a shared encrypted room would) and query its keys;
+     * with device_id, repeat the query (every 500 ms) until that device is known. Without this
+     * (or a shared room) the SDK silently ignores verification requests from the user's devices.
+     * The repetition matters: with no shared room, the homeserver never tells this client that a
+     * device appeared later, so one query made before the device uploaded its keys is final.
      */
     async download_keys(args) {
         const c = requireCrypto();
         const userIds = args.user_ids ?? [requireArg(args, "user_id")];
+        const want = userIds.length === 1 ? args.device_id : undefined;
         const machine = c.olmMachine;
-        if (!machine || typeof machine.updateTrackedUsers !== "function") {
-            throw new Error("this matrix-js-sdk has no reachable olmMachine.updateTrackedUsers");
+        const processor = c.outgoingRequestProcessor;
+        if (typeof machine?.updateTrackedUsers !== "function" || typeof processor?.makeOutgoingRequest !== "function") {
+            throw new Error("this matrix-js-sdk has no reachable olmMachine / outgoingRequestProcessor");
         }
         await machine.updateTrackedUsers(userIds.map((u) => new wasm.UserId(u)));
-        const deadline = Date.now() + Number(args.timeout ?? DEFAULT_TIMEOUT) * 1000;
+        const timeout = Number(args.timeout ?? DEFAULT_TIMEOUT);
+        const deadline = Date.now() + timeout * 1000;
         const result = {};
-        for (const userId of userIds) {
-            const left = Math.max(0.1, (deadline - Date.now()) / 1000);
-            const want = userIds.length === 1 ? args.device_id : undefined;
-            const list = await waitFor(`keys of ${userId}${want ? ` device ${want}` : ""}`, left, async () => {
-                await c.outgoingRequestsManager.doProcessOutgoingRequests();
+        const pending = new Set(userIds);
+        for (;;) {
+            // An out-of-band /keys/query whose answer goes into the crypto store.
+            const request = machine.queryKeysForUsers([...pending].map((u) => new wasm.UserId(u)));
+            await withTimeout(processor.makeOutgoingRequest(request), Math.max(1, (deadline - Date.now()) / 1000), "/keys/query");
+            for (const userId of [...pending]) {
                 const devices = await knownDevices(userId);
-                if (want ? devices.some((d) => d.deviceId === want) : devices.length > 0) return devices;
-                return undefined;
-            });
-            result[userId] = list.map(deviceToJson);
+                if (want ? devices.some((d) => d.deviceId === want) : devices.length > 0) {
+                    result[userId] = devices.map(deviceToJson);
+                    pending.delete(userId);
+                }
+            }
+            if (pending.size === 0) return { devices: result };
+            if (Date.now() + 500 > deadline) {
+                throw new Error(`timeout after ${timeout}s waiting for keys of ${[...pending].join(", ")}${want ? ` device ${want}` : ""}`);
+            }
+            await new Promise((resolve) => setTimeout(resolve, 500));
         }
-        return { devices: result };
     },
 
     async device_status(args) {
