@@ -331,7 +331,10 @@ class KeyVerificationCancel(VerificationEvent, frozen=True, kw_only=True):
 
 
 class RoomKey(ToDeviceEvent, frozen=True, kw_only=True):
-    """``m.room_key`` (arrives Olm-encrypted): a Megolm session key. ``session_key`` is redacted.
+    """``m.room_key``: a Megolm session key. ``session_key`` is redacted in ``repr``.
+
+    It must arrive Olm-encrypted: trust it only when ``decrypted_from`` is set (``decode`` does not
+    refuse a plaintext one; that is the caller's decision).
 
     ``algorithm`` is kept as a string (the schema allows only ``m.megolm.v1.aes-sha2``; the crypto
     layer refuses others). ``shared_history`` is ``True`` only when the sender sent ``true``: the
@@ -350,7 +353,9 @@ class RoomKey(ToDeviceEvent, frozen=True, kw_only=True):
 
 
 class ForwardedRoomKey(ToDeviceEvent, frozen=True, kw_only=True):
-    """``m.forwarded_room_key`` (arrives Olm-encrypted). ``session_key`` is redacted in ``repr``.
+    """``m.forwarded_room_key``. ``session_key`` is redacted in ``repr``.
+
+    Like :class:`RoomKey`, trust it only when ``decrypted_from`` is set.
 
     https://spec.matrix.org/latest/client-server-api/#mforwarded_room_key
     """
@@ -449,7 +454,9 @@ class SecretRequest(ToDeviceEvent, frozen=True, kw_only=True):
 
 
 class SecretSend(ToDeviceEvent, frozen=True, kw_only=True):
-    """``m.secret.send`` (arrives Olm-encrypted). ``secret`` is redacted in ``repr``.
+    """``m.secret.send``. ``secret`` is redacted in ``repr``.
+
+    It must arrive Olm-encrypted from a verified device of our own user: check ``decrypted_from``.
 
     https://spec.matrix.org/latest/client-server-api/#msecretsend
     """
