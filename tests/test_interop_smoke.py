@@ -231,3 +231,23 @@ async def test_request_from_untracked_device_is_ignored_until_download_keys(
     await a.wait_phase(txn, "done", timeout=T)
     await _assert_verified(a, *strangers.b_dev)
     await _assert_verified(b, *strangers.a_dev)
+
+
+async def test_auto_accept_that_also_starts_sas(pair: Pair) -> None:
+    """auto_accept(start=True): the receiving peer accepts, sends the SAS start and confirms."""
+    a, b = pair.a, pair.b
+    await b.auto_accept(start=True, confirm=True, user_id=a.user_id, device_id=a.device_id)
+    txn = (await a.request_verification(*pair.b_dev, timeout=T))["transaction_id"]
+    started = await a.wait_event(
+        "to_device",
+        lambda e: (
+            e["type"] == "m.key.verification.start" and e["content"].get("transaction_id") == txn
+        ),
+        T,
+    )
+    assert started["content"]["from_device"] == b.device_id
+    await a.confirm_sas(txn, timeout=T)
+    await a.wait_phase(txn, "done", timeout=T)
+    await b.wait_event("verification_done", lambda e: e["transaction_id"] == txn, T)
+    await _assert_verified(a, *pair.b_dev)
+    await _assert_verified(b, *pair.a_dev)

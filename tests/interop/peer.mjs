@@ -8,6 +8,25 @@
 // Commands run concurrently; replies can come back out of order. Every waiting command takes
 // "timeout" in seconds. Logs go to stderr only. The process exits when stdin closes or on "stop".
 //
+// Commands (arguments; "timeout" accepted by every waiting one):
+//   ping, version, stop
+//   login {homeserver, user_id, access_token, device_id}
+//   start {timeout, auto_verify?}        init Rust crypto in memory, start sync, wait for first sync
+//   own_keys, set_options {auto_verify}
+//   create_room {invite?, encrypted?=true, name?} -> room_id; invite {room_id, user_id};
+//   join {room_id}; enable_encryption {room_id}; wait_membership {room_id, user_id?, membership?};
+//   send_text {room_id, body}
+//   devices {user_id, device_id?, wait?}  the crypto's view; download_keys {user_id|user_ids, device_id?}
+//   device_status {user_id, device_id}; set_device_verified {user_id, device_id, verified?}
+//   request_verification {user_id, device_id}; wait_request {user_id?, device_id?};
+//   accept_request / start_sas / accept_sas / wait_sas / confirm_sas / mismatch_sas /
+//   request_info {transaction_id}; wait_phase {transaction_id, phase}; cancel {transaction_id, code?, reason?}
+//   list_requests; auto_accept {enabled?, confirm?=true, mismatch?, start?, delay_ms?, user_id?, device_id?}
+//   send_to_device {type, messages | user_id+device_id+content, txn_id?}
+//   send_encrypted_to_device {type, devices | user_id+device_id, content, txn_id?}
+// Notifications: ready, sync, verification_request, verification_phase, sas, verification_done,
+//   verification_cancelled, verifier_cancelled, auto_error, to_device, protocol_error, fatal.
+//
 // Only loopback homeservers are accepted (127.0.0.1, ::1, localhost), and every HTTP request the
 // SDK makes is checked against that.
 
