@@ -1,0 +1,785 @@
+"""Room-key sharing hooks for one ``nio.AsyncClient``: tell devices why they get no key.
+
+``sharing = await attach(client, store=..., outbox=..., dispatcher=..., policy=...)`` hooks one
+client (instance attributes only; :meth:`KeySharing.detach` undoes it). Decisions come from
+:mod:`bot_toolkit.withheld`; every notice and ``m.dummy`` goes out through the
+:class:`~bot_toolkit.outbox.Outbox`. What changes for the client:
+
+Sending (``room_send`` -> ``share_group_session``):
+
+* devices that still have no Olm session after the one-time-key claim get ``m.no_olm``, as the
+  :class:`~bot_toolkit.withheld.NoOlmLedger` allows (one notice per device until an Olm session
+  with it has existed, then one more);
+* blacklisted devices get ``m.blacklisted`` and, with ``share_with = "verified"``, unverified
+  devices get ``m.unverified`` instead of the key; once per device and Megolm session;
+  ``share_with = "all"`` shares with unverified devices (nio marks them "ignored");
+* a device whose claim returned no key is not claimed again before its backoff (15 s x 2^n, at
+  most 15 min) has passed;
+* nio marks a Megolm session as shared even when some devices had no Olm session, and never
+  offers them the key again. Here, while the session is current, a later ``room_send`` re-shares it
+  (same session, no rotation) as soon as such a device has an Olm session or its backoff has
+  passed, so the device gets the key once it is reachable.
+
+Sessions: any Olm session with a device told ``m.no_olm`` (one we opened after a successful
+claim, one it opened to us with a pre-key message such as an ``m.dummy``, or one simply used)
+re-arms the device in the ledger (hook on ``Olm.save_session``, which nio calls whenever a
+session is created or used).
+
+Receiving (through the :class:`~bot_toolkit.dispatcher.Dispatcher`; attach
+:func:`bot_toolkit.nio_plugin.attach` to the same client so that it is fed):
+
+* ``m.room_key_request``: requests that nio will not serve are answered with ``m.unauthorised``
+  (not a verified device of our own user) or ``m.unavailable`` (we do not hold the session).
+  nio 0.26 serves requests from verified devices of our own user for sessions it holds (it
+  forwards the key) and silently ignores everything else, so the two never both answer;
+* ``m.room_key.withheld`` with ``m.no_olm``: the sender could not reach us, so we open a new Olm
+  session with it (claiming one of its one-time keys) and send it an Olm-encrypted ``m.dummy``,
+  at most once per peer device per hour. Every received withheld notice also reaches the bot's
+  own handlers as a :class:`~bot_toolkit.events.RoomKeyWithheld` event.
+
+Crash safety of ``m.no_olm``: the ledger commits the decision with a transaction id before the
+outbox is called, and marks it after the outbox has stored the notice. :meth:`KeySharing.recover`
+(run by :func:`attach`) sends notices that were decided but never marked. When the outbox's
+``send`` accepts a ``txn_id`` keyword, that id is the wire transaction id and a resend is
+de-duplicated by the homeserver. The current outbox picks its own ids: then a crash in the instant
+between the outbox's commit and the ledger's mark can give that device a second notice (a crash
+anywhere else gives exactly one).
+
+nio 0.26 hook points (instance attributes): ``client.share_group_session``,
+``client.keys_claim``, ``olm.should_share_group_session``, ``olm.get_missing_sessions``,
+``olm.share_group_session_parallel``, ``olm.is_device_blacklisted``, ``olm.save_session``. The olm
+hooks follow ``client.olm`` when nio replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from nio import AsyncClient, KeysClaimResponse
+
+from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
+from bot_toolkit.metrics import Metrics
+from bot_toolkit.nio_plugin import our_identity
+from bot_toolkit.store import Store
+from bot_toolkit.withheld import (
+    ClaimBackoff,
+    Clock,
+    DeviceTrust,
+    DummyThrottle,
+    NoOlmLedger,
+    PeerDevice,
+    ShareWith,
+    SharingPolicy,
+    WithheldDeduper,
+    WithheldError,
+    WithheldMetrics,
+    withheld_content,
+)
+
+__all__ = ["KeySharing", "NoticeOutbox", "attach"]
+
+log = logging.getLogger("bot_toolkit.key_sharing")
+
+WITHHELD_EVENT: Final = "m.room_key.withheld"
+_ENCRYPTED_EVENT: Final = "m.room.encrypted"
+_REQUESTS_REMEMBERED: Final = 10_000
+
+
+class NoticeOutbox(Protocol):
+    """What key sharing needs from the :class:`~bot_toolkit.outbox.Outbox`."""
+
+    async def send(
+        self, event_type: str, messages: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    ) -> list[str]: ...
+
+
+@dataclass(slots=True)
+class _Round:
+    """What one ``share_group_session`` call found, filled by the olm hooks."""
+
+    room_id: str
+    session_id: str | None = None
+    no_olm: list[PeerDevice] = field(default_factory=list)
+    refused: list[tuple[PeerDevice, WithheldError]] = field(default_factory=list)
+    claim_failed: bool = False
+
+
+_ROUND: contextvars.ContextVar[_Round | None] = contextvars.ContextVar(
+    "bot_toolkit_key_sharing_round", default=None
+)
+
+
+class _Patch:
+    """One instance attribute replaced by a wrapper; :meth:`undo` restores it if still ours."""
+
+    __slots__ = ("_had_own", "_name", "_obj", "_previous", "_wrapper")
+
+    def __init__(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self._obj, self._name = obj, name
+        self._had_own = name in vars(obj)
+        self._previous = vars(obj).get(name)
+        self._wrapper = make(getattr(obj, name))
+        setattr(obj, name, self._wrapper)
+
+    def undo(self) -> None:
+        if vars(self._obj).get(self._name) is not self._wrapper:
+            return
+        if self._had_own:
+            setattr(self._obj, self._name, self._previous)
+        else:
+            delattr(self._obj, self._name)
+
+
+async def attach(
+    client: AsyncClient,
+    *,
+    store: Store,
+    outbox: NoticeOutbox,
+    dispatcher: Dispatcher,
+    policy: SharingPolicy | None = None,
+    metrics: Metrics | None = None,
+    clock: Clock = time.monotonic,
+    wall_clock: Clock = time.time,
+) -> KeySharing:
+    """Hook ``client``'s room-key sharing (see the module doc) and send pending notices.
+
+    Args:
+        store: the bot's store (the ledger and the ``m.dummy`` throttle keep their tables there).
+        outbox: every notice and ``m.dummy`` goes through it.
+        dispatcher: receives the client's to-device events (via ``nio_plugin.attach``); key
+            requests and ``m.no_olm`` notices are handled from there.
+        policy: the sharing policy (default :class:`~bot_toolkit.withheld.SharingPolicy`).
+        metrics: where ``withheld_sent_total``/``withheld_suppressed_total`` are counted
+            (default: the dispatcher's registry).
+        clock: monotonic clock for claim backoff; ``wall_clock``: persisted times.
+
+    Raises:
+        TypeError: ``client`` is not a ``nio.AsyncClient``.
+        RuntimeError: key sharing is already attached to ``client``.
+    """
+    if not isinstance(client, AsyncClient):
+        raise TypeError(f"attach() needs a nio.AsyncClient, got {type(client).__name__}")
+    if isinstance(
+        getattr(vars(client).get("share_group_session"), "_bot_toolkit_ks", None), KeySharing
+    ):
+        raise RuntimeError("key sharing is already attached to this client")
+    registry = metrics or dispatcher.metrics
+    counters = WithheldMetrics(registry)
+    ledger = await NoOlmLedger.open(store, counters, clock=wall_clock)
+    throttle = await DummyThrottle.open(store, clock=wall_clock)
+    sharing = KeySharing(
+        client,
+        ledger=ledger,
+        throttle=throttle,
+        outbox=outbox,
+        dispatcher=dispatcher,
+        policy=policy or SharingPolicy(),
+        counters=counters,
+        metrics=registry,
+        clock=clock,
+    )
+    await sharing.recover()
+    return sharing
+
+
+class KeySharing:
+    """The hooks of one client; made by :func:`attach`."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        ledger: NoOlmLedger,
+        throttle: DummyThrottle,
+        outbox: NoticeOutbox,
+        dispatcher: Dispatcher,
+        policy: SharingPolicy,
+        counters: WithheldMetrics,
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.ledger = ledger
+        self.backoff = ClaimBackoff(clock)
+        self.deduper = WithheldDeduper(counters)
+        self._throttle = throttle
+        self._outbox = outbox
+        self._counters = counters
+        self._outbox_takes_txn_id = _accepts_keyword(outbox.send, "txn_id")
+        self._m_dummy = metrics.counter(
+            "withheld_dummy_total",
+            "Answers to received m.no_olm notices (result: sent, throttled, no_device, no_key)",
+            ["result"],
+        )
+        self._m_errors = metrics.counter(
+            "key_sharing_errors_total",
+            "Unexpected errors caught in the key-sharing hooks",
+            ["where"],
+        )
+        self._attached = True
+        self._patches: list[_Patch] = []
+        self._olm: Any = None
+        # room -> (Megolm session id, devices that got no key for lack of an Olm session)
+        self._unreached: dict[str, tuple[str, set[PeerDevice]]] = {}
+        self._reshare: set[str] = set()
+        self._withholding = False  # inside share_group_session_parallel
+        self._observed: set[str] = set()  # curve25519 keys with a live session, not yet recorded
+        self._in_flight: set[str] = set()  # m.no_olm transaction ids being handed to the outbox
+        self._answered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retry_needed = False  # a notice stayed pending after a failed hand-over
+
+        make = self._wrap_share
+        self._patches.append(_Patch(client, "share_group_session", make))
+        self._patches.append(_Patch(client, "keys_claim", self._wrap_keys_claim))
+        self._hook_olm()
+        dispatcher.register(RoomKeyRequest, self._on_key_request)
+        dispatcher.register(RoomKeyWithheld, self._on_withheld, _is_no_olm)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are active."""
+        return self._attached
+
+    def detach(self) -> None:
+        """Remove the hooks (idempotent). Dispatcher handlers stay registered but do nothing."""
+        if not self._attached:
+            return
+        self._attached = False
+        for patch in reversed(self._patches):
+            patch.undo()
+        self._patches.clear()
+        self._olm = None
+
+    async def close(self) -> None:
+        """Detach and wait for background ledger updates to finish."""
+        self.detach()
+        await self.flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def recover(self) -> int:
+        """Record Olm sessions that exist with devices the ledger holds as told (a crash can
+        lose the in-memory observation), then send ``m.no_olm`` notices that were decided but
+        whose hand-over to the outbox was never recorded.
+
+        Returns how many notices were sent again. Run by :func:`attach`; safe to call again.
+        """
+        olm = self.client.olm
+        if olm is not None:
+            for entry in await self.ledger.entries():
+                curve = entry.device.curve25519
+                if not entry.session_since_notice and olm.session_store.get(curve) is not None:
+                    await self.ledger.session_established(curve, user_id=entry.device.user_id)
+        return await self._resend_pending()
+
+    async def _resend_pending(self) -> int:
+        self._retry_needed = False
+        resent = 0
+        for device, txn_id in await self.ledger.pending():
+            if txn_id in self._in_flight:
+                continue
+            if await self._deliver_no_olm(device, txn_id):
+                resent += 1
+        if resent:
+            log.info("sent %d recorded m.no_olm notices again", resent)
+        return resent
+
+    async def flush(self) -> None:
+        """Record observed Olm sessions in the ledger now."""
+        while self._observed:
+            curve = self._observed.pop()
+            try:
+                await self.ledger.session_established(curve)
+            except Exception:
+                self._observed.add(curve)
+                self._error("session_established")
+                return
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._error("background")
+
+    def _error(self, where: str) -> None:
+        self._m_errors.inc(where)
+        with contextlib.suppress(Exception):
+            log.exception("key sharing failed in %s; nio carries on", where)
+
+    # ----------------------------------------------------------------- olm hooks
+
+    def _hook_olm(self) -> None:
+        olm = self.client.olm
+        if olm is None or olm is self._olm:
+            return
+        self._olm = olm
+        self._patches.append(
+            _Patch(olm, "should_share_group_session", lambda o: self._wrap_should_share(olm, o))
+        )
+        self._patches.append(
+            _Patch(olm, "get_missing_sessions", lambda o: self._wrap_missing(olm, o))
+        )
+        self._patches.append(
+            _Patch(olm, "share_group_session_parallel", lambda o: self._wrap_parallel(olm, o))
+        )
+        self._patches.append(
+            _Patch(olm, "is_device_blacklisted", lambda o: self._wrap_blacklisted(olm, o))
+        )
+        self._patches.append(_Patch(olm, "save_session", self._wrap_save_session))
+
+    def _peer(self, device: Any) -> PeerDevice:
+        return PeerDevice(device.user_id, device.device_id, device.curve25519)
+
+    def _trust(self, olm: Any, device: Any) -> DeviceTrust:
+        """nio's trust state of ``device`` (outside nio's device selection, where our
+        ``is_device_blacklisted`` hook answers as nio's own)."""
+        return DeviceTrust(
+            verified=bool(olm.is_device_verified(device)),
+            blacklisted=bool(olm.is_device_blacklisted(device)),
+        )
+
+    def _wrap_should_share(
+        self, olm: Any, original: Callable[[str], bool]
+    ) -> Callable[[str], bool]:
+        def should_share_group_session(room_id: str) -> bool:
+            if original(room_id):
+                return True
+            if not self._attached:
+                return False
+            try:
+                if self._reshare_due(olm, room_id):
+                    self._reshare.add(room_id)
+                    return True
+            except Exception:
+                self._error("should_share")
+            return False
+
+        return should_share_group_session
+
+    def _reshare_due(self, olm: Any, room_id: str) -> bool:
+        entry = self._unreached.get(room_id)
+        session = olm.outbound_group_sessions.get(room_id)
+        if entry is None or session is None or session.expired or entry[0] != session.id:
+            return False
+        for peer in entry[1]:
+            device = olm.device_store[peer.user_id].get(peer.device_id)
+            if device is None or device.deleted or device.curve25519 != peer.curve25519:
+                continue
+            if olm.session_store.get(peer.curve25519) is not None or self.backoff.due(peer):
+                return True
+        return False
+
+    def _wrap_missing(
+        self, olm: Any, original: Callable[[list[str]], dict[str, list[str]]]
+    ) -> Callable[[list[str]], dict[str, list[str]]]:
+        def get_missing_sessions(users: list[str]) -> dict[str, list[str]]:
+            missing = original(users)
+            if not self._attached:
+                return missing
+            try:
+                return self._claimable(olm, missing)
+            except Exception:
+                self._error("get_missing_sessions")
+                return missing
+
+        return get_missing_sessions
+
+    def _claimable(self, olm: Any, missing: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Leave out devices that will not get the key anyway, and devices in claim backoff."""
+        wanted: dict[str, list[str]] = {}
+        for user_id, device_ids in missing.items():
+            for device_id in device_ids:
+                device = olm.device_store[user_id].get(device_id)
+                if device is None:
+                    continue
+                if self.policy.withholds(self._trust(olm, device)):
+                    continue
+                if not self.backoff.due(self._peer(device)):
+                    log.debug("claim for %s %s skipped: backoff", user_id, device_id)
+                    continue
+                wanted.setdefault(user_id, []).append(device_id)
+        return wanted
+
+    def _wrap_blacklisted(self, olm: Any, original: Callable[[Any], bool]) -> Callable[[Any], bool]:
+        def is_device_blacklisted(device: Any) -> bool:
+            if original(device):
+                return True
+            # Only while nio picks the devices for a room key: the policy withholds the key from
+            # unverified devices by making nio skip them like blacklisted ones.
+            return bool(
+                self._attached
+                and self._withholding
+                and self.policy.share_with is ShareWith.VERIFIED
+                and not olm.is_device_verified(device)
+            )
+
+        return is_device_blacklisted
+
+    def _wrap_parallel(self, olm: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+        def share_group_session_parallel(
+            room_id: str, users: list[str], ignore_unverified_devices: bool = False
+        ) -> Any:
+            if not self._attached:
+                yield from original(room_id, users, ignore_unverified_devices)
+                return
+            if room_id in self._reshare:
+                self._reshare.discard(room_id)
+                session = olm.outbound_group_sessions.get(room_id)
+                if session is not None and session.shared and not session.expired:
+                    # Extend the current session to the devices it missed, instead of letting
+                    # nio rotate it: they get it from the current message index on.
+                    session.shared = False
+                    log.info("re-sharing the Megolm session of %s with devices it missed", room_id)
+            self._withholding = True
+            try:
+                # nio builds every batch before the first request is sent: materialise them so
+                # that the refused devices are known, then hand them over unchanged.
+                batches = list(original(room_id, users, ignore_unverified_devices))
+            finally:
+                self._withholding = False
+            try:
+                self._classify(olm, room_id, users)
+            except Exception:
+                self._error("classify")
+            yield from batches
+
+        return share_group_session_parallel
+
+    def _classify(self, olm: Any, room_id: str, users: list[str]) -> None:
+        session = olm.outbound_group_sessions.get(room_id)
+        if session is None:
+            return
+        current = _ROUND.get()
+        found = current if current is not None and current.room_id == room_id else _Round(room_id)
+        found.session_id = session.id
+        unreached: set[PeerDevice] = set()
+        for user_id in users:
+            for device in olm.device_store.active_user_devices(user_id):
+                if user_id == olm.user_id and device.device_id == olm.device_id:
+                    continue
+                if (user_id, device.device_id) in session.users_shared_with:
+                    continue
+                peer = self._peer(device)
+                try:
+                    share = self.policy.check_share(self._trust(olm, device))
+                except WithheldError as refusal:
+                    found.refused.append((peer, refusal))
+                    continue
+                if not share:
+                    continue
+                if olm.session_store.get(device.curve25519) is None:
+                    unreached.add(peer)
+                    found.no_olm.append(peer)
+        if unreached:
+            self._unreached[room_id] = (session.id, unreached)
+        else:
+            self._unreached.pop(room_id, None)
+
+    def _wrap_save_session(
+        self, original: Callable[[str, Any], None]
+    ) -> Callable[[str, Any], None]:
+        def save_session(curve_key: str, session: Any) -> None:
+            original(curve_key, session)
+            try:
+                if self._attached and self.ledger.armed(curve_key):
+                    first = not self._observed
+                    self._observed.add(curve_key)
+                    if first:
+                        self._spawn(self.flush())
+            except Exception:
+                self._error("save_session")
+
+        return save_session
+
+    # ----------------------------------------------------------------- client hooks
+
+    def _wrap_share(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def share_group_session(room_id: str, ignore_unverified_devices: bool = False) -> Any:
+            if not self._attached:
+                return await original(room_id, ignore_unverified_devices=ignore_unverified_devices)
+            self._hook_olm()
+            if self.policy.share_with is ShareWith.ALL:
+                ignore_unverified_devices = True
+            await self.flush()
+            current = _Round(room_id)
+            token = _ROUND.set(current)
+            try:
+                return await original(room_id, ignore_unverified_devices=ignore_unverified_devices)
+            finally:
+                _ROUND.reset(token)
+                try:
+                    await self._after_share(current)
+                except Exception:
+                    self._error("after_share")
+
+        share_group_session._bot_toolkit_ks = self  # type: ignore[attr-defined]
+        return share_group_session
+
+    def _wrap_keys_claim(
+        self, original: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def keys_claim(user_set: Mapping[str, Any]) -> Any:
+            olm = self.client.olm
+            if not self._attached or olm is None:
+                return await original(user_set)
+            claimed: list[Any] = []
+            with contextlib.suppress(Exception):
+                for user_id, device_ids in user_set.items():
+                    for device_id in device_ids:
+                        device = olm.device_store[user_id].get(device_id)
+                        if device is not None:
+                            claimed.append(device)
+            response = await original(user_set)
+            try:
+                self._account_claim(olm, claimed, response)
+            except Exception:
+                self._error("keys_claim")
+            return response
+
+        return keys_claim
+
+    def _account_claim(self, olm: Any, claimed: list[Any], response: Any) -> None:
+        if not isinstance(response, KeysClaimResponse):
+            current = _ROUND.get()
+            if current is not None:
+                current.claim_failed = True
+            log.warning("one-time key claim failed: %s", response)
+            return
+        for device in claimed:
+            peer = self._peer(device)
+            if olm.session_store.get(device.curve25519) is not None:
+                self.backoff.succeeded(peer)
+            else:
+                delay = self.backoff.failed(peer)
+                log.info(
+                    "no one-time key for %s %s; next claim in %.0fs",
+                    device.user_id,
+                    device.device_id,
+                    delay,
+                )
+
+    async def _after_share(self, done: _Round) -> None:
+        await self.flush()
+        if done.refused and done.session_id is not None:
+            await self._send_refusals(done)
+        if done.no_olm and self.policy.no_olm_notices:
+            if done.claim_failed:
+                log.info(
+                    "no m.no_olm for %d devices: the key claim itself failed", len(done.no_olm)
+                )
+            else:
+                for peer in done.no_olm:
+                    txn_id = await self.ledger.decide(peer)
+                    if txn_id is not None:
+                        await self._deliver_no_olm(peer, txn_id)
+        if self._retry_needed:
+            await self._resend_pending()
+
+    # ----------------------------------------------------------------- sending notices
+
+    def _own(self) -> tuple[str, str, str]:
+        me = our_identity(self.client)
+        return me.user_id, me.device_id, me.curve25519
+
+    async def _send_refusals(self, done: _Round) -> None:
+        assert done.session_id is not None
+        _, device_id, curve = self._own()
+        messages: dict[str, dict[str, dict[str, Any]]] = {}
+        sent: list[tuple[PeerDevice, str]] = []
+        for peer, refusal in done.refused:
+            if not self.deduper.first(peer, done.session_id, refusal.code):
+                continue
+            content = withheld_content(
+                refusal,
+                sender_key=curve,
+                from_device=device_id,
+                room_id=done.room_id,
+                session_id=done.session_id,
+            )
+            messages.setdefault(peer.user_id, {})[peer.device_id] = content
+            sent.append((peer, refusal.code))
+        if not sent:
+            return
+        try:
+            await self._outbox.send(WITHHELD_EVENT, messages)
+        except Exception:
+            for peer, code in sent:
+                self.deduper.forget(peer, done.session_id, code)
+            self._error("send_refusals")
+            return
+        for _, code in sent:
+            self._counters.sent.inc(code)
+        log.info("told %d devices why they get no key for %s", len(sent), done.room_id)
+
+    async def _deliver_no_olm(self, peer: PeerDevice, txn_id: str) -> bool:
+        """Hand the decided notice ``txn_id`` to the outbox and record it; False on failure (it
+        stays pending in the ledger and is sent again by :meth:`recover`)."""
+        _, device_id, curve = self._own()
+        content = withheld_content(
+            WithheldError(WithheldCode.NO_OLM), sender_key=curve, from_device=device_id
+        )
+        messages = {peer.user_id: {peer.device_id: content}}
+        self._in_flight.add(txn_id)
+        try:
+            if self._outbox_takes_txn_id:
+                await self._outbox.send(WITHHELD_EVENT, messages, txn_id=txn_id)  # type: ignore[call-arg]
+            else:
+                await self._outbox.send(WITHHELD_EVENT, messages)
+            await self.ledger.mark_sent(peer, txn_id)
+        except Exception:
+            self._retry_needed = True
+            self._error("send_no_olm")
+            return False
+        finally:
+            self._in_flight.discard(txn_id)
+        self._counters.sent.inc(WithheldCode.NO_OLM)
+        log.info("told %s %s m.no_olm", peer.user_id, peer.device_id)
+        return True
+
+    async def _reply(self, event: RoomKeyRequest, refusal: WithheldError) -> None:
+        _, device_id, curve = self._own()
+        content = withheld_content(
+            refusal,
+            sender_key=event.body.sender_key or curve,
+            from_device=device_id,
+            room_id=event.body.room_id,
+            session_id=event.body.session_id,
+            algorithm=event.body.algorithm,
+        )
+        await self._outbox.send(
+            WITHHELD_EVENT, {event.sender: {event.requesting_device_id: content}}
+        )
+        self._counters.sent.inc(refusal.code)
+        log.info(
+            "answered key request %s from %s %s: %s",
+            event.request_id,
+            event.sender,
+            event.requesting_device_id,
+            refusal.code,
+        )
+
+    # ----------------------------------------------------------------- dispatcher handlers
+
+    async def _on_key_request(self, event: RoomKeyRequest) -> None:
+        olm = self.client.olm
+        if not self._attached or olm is None or not self.policy.answer_key_requests:
+            return
+        if not self.policy.send_withheld:
+            return
+        own_user, own_device, _ = self._own()
+        if event.sender == own_user and event.requesting_device_id == own_device:
+            return
+        key = (event.sender, event.requesting_device_id, event.request_id)
+        if key in self._answered:
+            return
+        device = None
+        if event.sender in olm.device_store.users:
+            device = olm.device_store[event.sender].get(event.requesting_device_id)
+            if device is not None and device.deleted:
+                device = None
+        trust = None if device is None else self._trust(olm, device)
+        try:
+            self.policy.check_key_request(
+                own_user_id=own_user,
+                requester_user_id=event.sender,
+                requester=trust,
+                have_session=_holds_session(olm, event),
+            )
+        except WithheldError as refusal:
+            self._answered[key] = None
+            while len(self._answered) > _REQUESTS_REMEMBERED:
+                self._answered.popitem(last=False)
+            await self._reply(event, refusal)
+
+    async def _on_withheld(self, event: RoomKeyWithheld) -> None:
+        """A peer could not set up an Olm session with us: open one to it and send ``m.dummy``."""
+        client = self.client
+        olm = client.olm
+        if not self._attached or olm is None or not self.policy.dummy_on_no_olm:
+            return
+        device = _sender_device(olm, event)
+        if device is None:
+            # Unknown device: fetch the sender's device list once, then look again.
+            client.users_for_key_query.add(event.sender)
+            await client.keys_query()
+            device = _sender_device(olm, event)
+        if device is None:
+            self._m_dummy.inc("no_device")
+            log.info("m.no_olm from %s: its device is unknown, no m.dummy", event.sender)
+            return
+        peer = self._peer(device)
+        if not await self._throttle.acquire(peer):
+            self._m_dummy.inc("throttled")
+            log.info(
+                "m.no_olm from %s %s: m.dummy sent within the hour", peer.user_id, peer.device_id
+            )
+            return
+        before = olm.session_store.get(device.curve25519)
+        await client.keys_claim({device.user_id: [device.device_id]})
+        session = olm.session_store.get(device.curve25519)
+        if session is None or session is before:
+            self._m_dummy.inc("no_key")
+            log.info(
+                "m.no_olm from %s %s: no one-time key to open a session",
+                peer.user_id,
+                peer.device_id,
+            )
+            return
+        envelope = olm._olm_encrypt(session, device, "m.dummy", {})
+        await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
+        self._m_dummy.inc("sent")
+        log.info("opened an Olm session with %s %s and sent m.dummy", peer.user_id, peer.device_id)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_no_olm(event: RoomKeyWithheld) -> bool:
+    return event.code == WithheldCode.NO_OLM
+
+
+def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:
+    body = event.body
+    if body.algorithm != "m.megolm.v1.aes-sha2":
+        return False
+    store = olm.inbound_group_store
+    if body.sender_key:
+        return store.get(body.room_id, body.sender_key, body.session_id) is not None
+    return any(body.session_id in sessions for sessions in store[body.room_id].values())
+
+
+def _sender_device(olm: Any, event: RoomKeyWithheld) -> Any:
+    store = olm.device_store
+    if event.sender not in store.users:
+        return None
+    if event.from_device:
+        device = store[event.sender].get(event.from_device)
+        if device is not None and not device.deleted and device.curve25519 == event.sender_key:
+            return device
+    return store.device_from_sender_key(event.sender, event.sender_key)

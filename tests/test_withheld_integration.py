@@ -1,0 +1,315 @@
+"""m.no_olm against the real Synapse: a hand-made peer device and a real nio bot.
+
+The peer (:class:`tests.raw_device.RawDevice`) has identity keys but no one-time keys and no
+fallback key, so the bot cannot open an Olm session with it. Its real ``/sync`` is what the
+assertions count. The bot is a nio ``AsyncClient`` with the whole bot_toolkit stack (store,
+outbox over HTTP, dispatcher, nio plugin, key sharing) and can be stopped and started again on
+the same data directory, as a process restart would.
+
+The claim backoff runs on an injected clock: the tests move it forward so that the bot claims
+again on the next message, instead of sleeping 15 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nio import AsyncClient, AsyncClientConfig, KeysUploadResponse, RoomSendResponse, SyncResponse
+from nio.store.models import OlmSessions
+
+from bot_toolkit import key_sharing, nio_plugin
+from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit.events import ToDeviceEvent, WithheldCode
+from bot_toolkit.metrics import Metrics
+from bot_toolkit.outbox import HttpTransport, Outbox
+from bot_toolkit.store import Store
+from bot_toolkit.withheld import PeerDevice, SharingPolicy
+from tests.raw_device import RawDevice
+from tests.synapse import LocalSynapse, RegisteredUser
+
+pytestmark = pytest.mark.synapse
+
+NO_OLM = WithheldCode.NO_OLM
+
+
+class ManualClock:
+    """A monotonic clock that tests move forward by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class BotProcess:
+    """One run of the bot: nio client + store + outbox + dispatcher + plugin + key sharing.
+
+    :meth:`stop` then :meth:`start` again on the same ``data_dir`` is a restart: nio reloads its
+    crypto store, bot_toolkit its SQLite store.
+    """
+
+    def __init__(
+        self,
+        synapse: LocalSynapse,
+        user: RegisteredUser,
+        data_dir: Path,
+        *,
+        policy: SharingPolicy | None = None,
+        clock: ManualClock | None = None,
+    ) -> None:
+        self.synapse = synapse
+        self.user = user
+        self.data_dir = data_dir
+        self.policy = policy or SharingPolicy(share_with="all")  # type: ignore[arg-type]
+        self.clock = clock or ManualClock()
+        self.events: list[ToDeviceEvent] = []
+
+    async def start(self) -> BotProcess:
+        nio_dir = self.data_dir / "nio"
+        nio_dir.mkdir(parents=True, exist_ok=True)
+        config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
+        self.client = AsyncClient(
+            self.synapse.url,
+            self.user.user_id,
+            device_id=self.user.device_id,
+            store_path=str(nio_dir),
+            config=config,
+        )
+        self.client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
+        if self.client.should_upload_keys:
+            assert isinstance(await self.client.keys_upload(), KeysUploadResponse)
+        self.store = await Store.open_in(self.data_dir)
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.metrics)
+
+        async def collect(event: ToDeviceEvent) -> None:
+            self.events.append(event)
+
+        self.dispatcher.register(ToDeviceEvent, collect)
+        await self.dispatcher.start()
+        self.transport = HttpTransport(self.synapse.url, self.user.access_token)
+        self.outbox = Outbox(self.transport, self.store, self.metrics, dispatcher=self.dispatcher)
+        await self.outbox.start()
+        self.plugin = nio_plugin.attach(self.client, self.dispatcher)
+        self.sharing = await key_sharing.attach(
+            self.client,
+            store=self.store,
+            outbox=self.outbox,
+            dispatcher=self.dispatcher,
+            policy=self.policy,
+            clock=self.clock,
+        )
+        assert isinstance(await self.client.sync(timeout=0, full_state=True), SyncResponse)
+        return self
+
+    async def stop(self) -> None:
+        await self.sharing.close()
+        self.plugin.detach()
+        await self.outbox.close(10.0)
+        await self.dispatcher.close(5.0)
+        await self.transport.close()
+        await self.store.close()
+        await self.client.close()
+
+    async def restart(self) -> BotProcess:
+        await self.stop()
+        return await self.start()
+
+    async def refresh(self) -> None:
+        """One sync, then a key query if nio wants one (as ``sync_forever`` would)."""
+        assert isinstance(await self.client.sync(timeout=0), SyncResponse)
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+        await self.dispatcher_idle()
+
+    async def dispatcher_idle(self) -> None:
+        """Give the dispatcher's handlers time to run on what the last sync fed it."""
+        depth = self.metrics.get("dispatcher_queue_depth")
+        for _ in range(100):
+            if depth is None or depth.get() == 0:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+
+    async def say(self, room_id: str, text: str) -> None:
+        """``room_send`` a text message; waits until the outbox has delivered what it queued."""
+        res = await self.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": text}
+        )
+        assert isinstance(res, RoomSendResponse), res
+        assert await self.outbox.flush(10.0)
+
+    def sent(self, code: str = NO_OLM) -> float:
+        counter = self.metrics.get("withheld_sent_total")
+        return 0.0 if counter is None else counter.get(code)
+
+    def suppressed(self, code: str = NO_OLM) -> float:
+        counter = self.metrics.get("withheld_suppressed_total")
+        return 0.0 if counter is None else counter.get(code)
+
+    def discard_session(self, curve25519: str) -> None:
+        """Forget every Olm session with a device, in memory and in nio's store (as a client
+        does when it replaces a wedged session)."""
+        olm: Any = self.client.olm
+        olm.session_store._entries.pop(curve25519, None)
+        store: Any = self.client.store
+        with store.database.bind_ctx(store.models):
+            OlmSessions.delete().where(OlmSessions.sender_key == curve25519).execute()
+
+
+async def _room_with(bot: BotProcess, peer: RawDevice) -> str:
+    """An encrypted room of the bot that the peer has joined, as both have synced it."""
+    room_id = await peer.create_room(invite=[bot.user.user_id])
+    await bot.client.join(room_id)
+
+    for _ in range(100):
+        await bot.refresh()
+        room = bot.client.rooms.get(room_id)
+        if room is not None and room.encrypted and peer.user_id in room.users:
+            return room_id
+    raise AssertionError("the bot never saw the peer in the room")
+
+
+@pytest.fixture
+async def bot(synapse: LocalSynapse, tmp_path: Path) -> AsyncIterator[BotProcess]:
+    process = await BotProcess(synapse, synapse.register(), tmp_path / "bot").start()
+    try:
+        yield process
+    finally:
+        await process.stop()
+
+
+@pytest.fixture
+async def peer(synapse: LocalSynapse) -> AsyncIterator[RawDevice]:
+    user = synapse.register()
+    device = RawDevice(synapse.url, user.user_id, user.access_token, user.device_id)
+    await device.upload_keys()  # identity keys only: no one-time keys, no fallback key
+    await device.sync()
+    try:
+        yield device
+    finally:
+        await device.close()
+
+
+def _peer_device(peer: RawDevice) -> PeerDevice:
+    return PeerDevice(peer.user_id, peer.device_id, peer.curve25519)
+
+
+def _no_olm(peer: RawDevice, bot: BotProcess) -> list[dict[str, Any]]:
+    return peer.withheld(NO_OLM, sender=bot.user.user_id)
+
+
+async def test_no_olm_lifecycle_against_a_real_homeserver(bot: BotProcess, peer: RawDevice) -> None:
+    assert await peer.one_time_key_counts() == {"signed_curve25519": 0}
+    room_id = await _room_with(bot, peer)
+
+    # 1. Three messages; the backoff has passed before each, so every one claims again.
+    for i in range(3):
+        await bot.say(room_id, f"hello {i}")
+        bot.clock.advance(16 * 60)
+    await peer.drain()
+    notices = _no_olm(peer, bot)
+    assert len(notices) == 1, peer.to_device_events
+    content = notices[0]["content"]
+    assert content["code"] == "m.no_olm"
+    assert "room_id" not in content and "session_id" not in content
+    assert content["algorithm"] == "m.megolm.v1.aes-sha2"
+    assert content["sender_key"] == bot.client.olm.account.identity_keys["curve25519"]
+    assert content["from_device"] == bot.user.device_id
+    assert (bot.sent(), bot.suppressed()) == (1, 2)
+
+    # 2. A restart keeps the ledger: the next failure stays silent.
+    await bot.restart()
+    await bot.say(room_id, "after restart")
+    await peer.drain()
+    assert len(_no_olm(peer, bot)) == 1
+    assert (bot.sent(), bot.suppressed()) == (0, 1)
+
+    # 3. The peer uploads one one-time key; the bot's next message opens a session and the
+    #    peer gets the room key (nio alone would never offer it the shared session again).
+    await peer.upload_keys(device_keys=False, one_time_keys=1)
+    bot.clock.advance(16 * 60)
+    await bot.say(room_id, "now you can read this")
+    await peer.drain()
+    payloads = [
+        p
+        for e in peer.to_device_events
+        if e["type"] == "m.room.encrypted" and (p := peer.decrypt_olm(e)) is not None
+    ]
+    assert [p["type"] for p in payloads] == ["m.room_key"]
+    assert payloads[0]["content"]["room_id"] == room_id
+    assert await peer.one_time_key_counts() == {"signed_curve25519": 0}
+    entry = await bot.sharing.ledger.entry(
+        _peer_device(peer)  # the ledger saw the session
+    )
+    assert entry is not None and entry.session_since_notice
+
+    # 4. The bot's session is discarded (as when a wedged session is replaced) and the device
+    #    has no one-time key left: exactly one more notice, then silence again.
+    bot.discard_session(peer.curve25519)
+    bot.client.invalidate_outbound_session(room_id)
+    await bot.say(room_id, "new session needed")
+    bot.clock.advance(16 * 60)
+    bot.client.invalidate_outbound_session(room_id)
+    await bot.say(room_id, "and again")
+    await peer.drain()
+    assert len(_no_olm(peer, bot)) == 2
+    assert bot.sent() == 1
+
+    # 5. The same device id comes back with a new identity key and no keys: one notice for it.
+    old_key = peer.curve25519
+    new_key = await peer.replace_identity_key()
+    assert new_key != old_key
+    for _ in range(50):
+        await bot.refresh()
+        device = bot.client.olm.device_store[peer.user_id].get(peer.device_id)
+        if device is not None and device.curve25519 == new_key:
+            break
+    else:
+        raise AssertionError("the bot never saw the new identity key")
+    bot.clock.advance(16 * 60)
+    await bot.say(room_id, "who are you now")
+    bot.clock.advance(16 * 60)
+    bot.client.invalidate_outbound_session(room_id)
+    await bot.say(room_id, "still nobody")
+    await peer.drain()
+    assert len(_no_olm(peer, bot)) == 3
+    assert bot.sent() == 2
+    rendered = bot.metrics.render()
+    assert 'bot_toolkit_withheld_sent_total{code="m.no_olm"} 2' in rendered
+    assert 'bot_toolkit_withheld_suppressed_total{code="m.no_olm"}' in rendered
+
+
+async def test_claims_back_off_between_messages(bot: BotProcess, peer: RawDevice) -> None:
+    room_id = await _room_with(bot, peer)
+    claims: list[dict[str, Any]] = []
+    original = bot.client.keys_claim
+
+    async def counting(user_set: dict[str, Any]) -> Any:
+        claims.append(user_set)
+        return await original(user_set)
+
+    bot.client.keys_claim = counting
+    for i in range(4):
+        await bot.say(room_id, f"quick {i}")  # within 15 s of the first failure
+    assert len(claims) == 1
+    bot.clock.advance(15)
+    await bot.say(room_id, "after 15s")
+    assert len(claims) == 2
+    bot.clock.advance(29)
+    await bot.say(room_id, "after 29s more")
+    assert len(claims) == 2  # the second wait is 30 s
+    bot.clock.advance(1)
+    await bot.say(room_id, "after 30s")
+    assert len(claims) == 3
+    await peer.drain()
+    assert len(_no_olm(peer, bot)) == 1
