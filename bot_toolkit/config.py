@@ -1,0 +1,562 @@
+"""Configuration of the standalone bot: a TOML file plus environment overrides, checked once.
+
+:func:`load_config` reads the file (or nothing), applies the environment, and returns a frozen
+:class:`BotConfig`. Every problem raises :class:`ConfigError`, whose message starts with the
+dotted key (``verification.confirm: expected one of 'auto', 'operator', got 'maybe'``).
+
+Environment scheme (the environment wins over the file; an empty variable counts as unset):
+
+- secrets have short names: ``BOT_TOOLKIT_PASSWORD`` (``matrix.password``),
+  ``BOT_TOOLKIT_ACCESS_TOKEN`` (``matrix.access_token``), ``BOT_TOOLKIT_ADMIN_TOKEN``
+  (``http.admin_token``);
+- every other key is ``BOT_TOOLKIT_<SECTION>_<KEY>``, e.g. ``BOT_TOOLKIT_MATRIX_HOMESERVER``,
+  ``BOT_TOOLKIT_HTTP_PORT``, ``BOT_TOOLKIT_VERIFICATION_ALLOWED_USERS`` (lists: comma-separated;
+  booleans: true/false/1/0/yes/no/on/off).
+
+Without a file the whole configuration comes from the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import hmac
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, Union, final, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+__all__ = [
+    "ENV_PREFIX",
+    "SECRET_ENV",
+    "BotConfig",
+    "ConfigError",
+    "HttpConfig",
+    "KeysConfig",
+    "LoggingConfig",
+    "MatrixConfig",
+    "OutboxConfig",
+    "Secret",
+    "StorageConfig",
+    "VerificationConfig",
+    "load_config",
+]
+
+ENV_PREFIX: Final = "BOT_TOOLKIT_"
+"""Prefix of every environment variable the configuration reads."""
+
+SECRET_ENV: Final[Mapping[str, str]] = {
+    "matrix.password": "BOT_TOOLKIT_PASSWORD",
+    "matrix.access_token": "BOT_TOOLKIT_ACCESS_TOKEN",
+    "http.admin_token": "BOT_TOOLKIT_ADMIN_TOKEN",
+}
+"""The environment variable that supplies each secret key."""
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str()`` is ``"<dotted key>: <message>"``.
+
+    ``source`` says where the bad value came from (a file path or an environment variable), if
+    known. For unreadable or invalid TOML the key is the file path.
+    """
+
+    def __init__(self, key: str, message: str, *, source: str | None = None) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+        self.source = source
+
+
+@final
+class Secret:
+    """A string that never shows itself in ``repr()``, ``str()`` or f-strings.
+
+    :meth:`reveal` gives the value; equality is compared in constant time.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret value itself."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+# ---- value checks: (key, value) -> value
+
+_USER_ID = re.compile(
+    r"@(?P<localpart>[^:\s]+):(?P<server>(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?)"
+)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_MIN_ADMIN_TOKEN = 16
+
+
+def _homeserver(key: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"expected an http:// or https:// URL, got {url!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(key, "must not contain credentials, a query or a fragment")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {url!r}") from None
+    return url.rstrip("/")
+
+
+def _user_id(key: str, value: str) -> str:
+    if len(value) > 255 or not _USER_ID.fullmatch(value):
+        raise ConfigError(key, f"expected a Matrix user id like '@bot:example.org', got {value!r}")
+    return value
+
+
+def _device_id(key: str, value: str | None) -> str | None:
+    if value is not None and (not value or any(c.isspace() for c in value)):
+        raise ConfigError(key, f"expected a device id without spaces, got {value!r}")
+    return value
+
+
+def _nonempty(key: str, value: str) -> str:
+    if not value.strip():
+        raise ConfigError(key, "must not be empty")
+    return value
+
+
+def _host(key: str, value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ConfigError(key, f"expected an IP address or host name, got {value!r}") from None
+    return value
+
+
+def _port(key: str, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ConfigError(key, f"expected a port between 1 and 65535, got {value}")
+    return value
+
+
+def _at_least(low: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if value < low:
+            raise ConfigError(key, f"must be at least {low:g}, got {value:g}")
+        return value
+
+    return check
+
+
+def _positive(key: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(key, f"must be greater than 0, got {value:g}")
+    return value
+
+
+def _patterns(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    for i, pattern in enumerate(value):
+        if not pattern.startswith("@"):
+            raise ConfigError(
+                f"{key}[{i}]",
+                f"expected a user id or a glob like '@*:example.org', got {pattern!r}",
+            )
+    return value
+
+
+def _admin_token(key: str, value: Secret | None) -> Secret | None:
+    if value is not None and len(value.reveal()) < _MIN_ADMIN_TOKEN:
+        raise ConfigError(key, f"too short: use at least {_MIN_ADMIN_TOKEN} random characters")
+    return value
+
+
+def _level(key: str, value: str) -> str:
+    level = value.upper()
+    if level not in _LEVELS:
+        raise ConfigError(key, f"expected one of {', '.join(map(repr, _LEVELS))}, got {value!r}")
+    return level
+
+
+def _check(check: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """Field metadata: run ``check(key, value)`` after the type conversion."""
+    return {"check": check}
+
+
+# ---- the schema
+
+
+@dataclass(frozen=True, slots=True)
+class MatrixConfig:
+    """``[matrix]``: the account the bot logs in as."""
+
+    homeserver: str = field(metadata=_check(_homeserver))
+    """Client-server API base URL, ``http(s)://host[:port]``; required."""
+    user_id: str = field(metadata=_check(_user_id))
+    """The bot's full user id, ``@bot:example.org``; required."""
+    device_id: str | None = field(default=None, metadata=_check(_device_id))
+    """Device id to log in as; unset: the homeserver picks one, which is kept in the data dir."""
+    device_name: str = field(default="bot_toolkit", metadata=_check(_nonempty))
+    """Display name of the bot's device, shown to users when they verify it."""
+    password: Secret | None = field(default=None, repr=False)
+    """Password login; or ``BOT_TOOLKIT_PASSWORD``."""
+    access_token: Secret | None = field(default=None, repr=False)
+    """Access token, used instead of the password when both are set; or
+    ``BOT_TOOLKIT_ACCESS_TOKEN``."""
+    sync_timeout: float = field(default=30.0, metadata=_check(_positive))
+    """Long-poll timeout of one /sync, in seconds."""
+    retry_max_delay: float = field(default=60.0, metadata=_check(_positive))
+    """Longest wait between retries while the homeserver is unreachable, in seconds."""
+
+    @property
+    def server_name(self) -> str:
+        """The server part of :attr:`user_id`."""
+        return self.user_id.split(":", 1)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where the bot keeps its state."""
+
+    data_dir: Path = Path("data")
+    """Directory for the nio store, the session (device id, token) and the bot's database.
+    Relative paths are resolved against the config file's directory (the working directory when the
+    value comes from the environment)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationConfig:
+    """``[verification]``: who may verify the bot, and how the SAS is confirmed."""
+
+    enabled: bool = True
+    """Answer verification requests at all."""
+    allowed_users: tuple[str, ...] = field(default=(), metadata=_check(_patterns))
+    """User ids or glob patterns (``@*:example.org``) allowed to verify; others are refused.
+    Empty: nobody."""
+    confirm: Literal["auto", "operator"] = "operator"
+    """``operator``: wait for the operator to compare and confirm the SAS (admin API);
+    ``auto``: confirm automatically for allowed users."""
+    post_sas_in_dm: bool = False
+    """Also send the emoji and decimals to the verifying user in a direct message."""
+    timeout: float = field(default=600.0, metadata=_check(_positive))
+    """Seconds before an unfinished verification is cancelled with ``m.timeout``."""
+    max_error_replies: int = field(default=3, metadata=_check(_at_least(0)))
+    """At most this many cancel replies per peer device per minute for malformed or unexpected
+    events; more are dropped, so a misbehaving peer cannot make the bot flood."""
+
+    def allows(self, user_id: str) -> bool:
+        """Whether ``user_id`` matches one of :attr:`allowed_users` (case-sensitive globbing)."""
+        return any(fnmatch.fnmatchcase(user_id, p) for p in self.allowed_users)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysConfig:
+    """``[keys]``: room-key sharing and ``m.room_key.withheld`` notices."""
+
+    share_with: Literal["all", "verified"] = "verified"
+    """Share room keys with ``all`` devices that are not blacklisted, or only ``verified`` ones."""
+    send_withheld: bool = True
+    """Send ``m.room_key.withheld`` (``m.unverified`` ...) to devices that do not get the key."""
+    no_olm_notices: bool = True
+    """Send ``m.no_olm`` when no Olm session can be set up with a device."""
+    notify_blacklisted: bool = True
+    """Tell blacklisted devices with ``m.blacklisted``; false: skip them silently."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """``[outbox]``: outbound to-device messages."""
+
+    batch_size: int = field(default=250, metadata=_check(_at_least(1)))
+    """Most messages (user, device pairs) in one ``/sendToDevice`` request."""
+    concurrency: int = field(default=20, metadata=_check(_at_least(1)))
+    """Most requests in flight at once."""
+    backoff_max: float = field(default=60.0, metadata=_check(_positive))
+    """Longest wait between retries of a failed request, in seconds."""
+    flush_deadline: float = field(default=10.0, metadata=_check(_at_least(0)))
+    """Seconds to keep sending queued messages at shutdown; the rest stays stored for next start."""
+    stuck_after: float = field(default=300.0, metadata=_check(_positive))
+    """/readyz fails when the oldest unsent message has waited longer than this, in seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """``[http]``: health, metrics and admin endpoints."""
+
+    enabled: bool = True
+    """Serve HTTP at all."""
+    host: str = field(default="127.0.0.1", metadata=_check(_host))
+    """Listen address; keep it on loopback unless a proxy or a container network needs more."""
+    port: int = field(default=8080, metadata=_check(_port))
+    """Listen port."""
+    admin_token: Secret | None = field(default=None, metadata=_check(_admin_token), repr=False)
+    """Bearer token for ``/admin/*`` (16 characters or more); unset: the admin API answers 403.
+    Or ``BOT_TOOLKIT_ADMIN_TOKEN``."""
+    sync_stale_after: float = field(default=120.0, metadata=_check(_positive))
+    """/readyz fails when the last successful sync is older than this, in seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """``[logging]``."""
+
+    level: str = field(default="INFO", metadata=_check(_level))
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
+    format: Literal["text", "json"] = "text"
+    """``text`` for people, ``json`` for one object per line."""
+
+
+@dataclass(frozen=True, slots=True)
+class BotConfig:
+    """The whole configuration; one attribute per TOML table."""
+
+    matrix: MatrixConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def secrets(self) -> list[str]:
+        """Every secret value set here (for log redaction)."""
+        found = (self.matrix.password, self.matrix.access_token, self.http.admin_token)
+        return [s.reveal() for s in found if s]
+
+
+SECTIONS: Final[Mapping[str, type[Any]]] = get_type_hints(BotConfig)
+"""Section name -> its dataclass, in file order."""
+
+
+# ---- reading and converting
+
+
+def _toml_type(value: object) -> str:
+    names = {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "array",
+        dict: "table",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _close(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(key, f"expected a boolean (true/false), got {text!r}")
+
+
+def _convert(key: str, value: Any, tp: Any, from_env: bool) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from the environment are parsed."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):  # X | None
+        inner = next(a for a in get_args(tp) if a is not type(None))
+        return _convert(key, value, inner, from_env)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            expected = ", ".join(map(repr, choices))
+            raise ConfigError(key, f"expected one of {expected}, got {value!r}")
+        return value
+    if origin is tuple:
+        if from_env:
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected an array of strings, got {_toml_type(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{key}[{i}]", f"expected a string, got {_toml_type(item)}")
+        return tuple(value)
+    if tp is bool:
+        if from_env:
+            return _parse_bool(key, value)
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected a boolean, got {_toml_type(value)}")
+        return value
+    if tp is int:
+        if from_env:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(key, f"expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_toml_type(value)}")
+        return value
+    if tp is float:
+        if from_env:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {_toml_type(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_toml_type(value)}")
+    if tp is Secret:
+        return Secret(value)
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def _env_name(section: str, name: str) -> str:
+    return SECRET_ENV.get(f"{section}.{name}", f"{ENV_PREFIX}{section}_{name}".upper())
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``{section: {key: text}}`` from the environment.
+
+    Unknown keys of known sections are errors; other ``BOT_TOOLKIT_*`` variables are ignored.
+    """
+    out: dict[str, dict[str, str]] = {}
+    by_secret = {v: k for k, v in SECRET_ENV.items()}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX) or text == "":
+            continue
+        if var in by_secret:
+            secret_section, secret_name = by_secret[var].split(".")
+            out.setdefault(secret_section, {})[secret_name] = text
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            continue  # BOT_TOOLKIT_CONFIG and other variables that are not keys
+        name = rest[len(section) + 1 :]
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        dotted = f"{section}.{name}"
+        if dotted in SECRET_ENV:
+            raise ConfigError(dotted, f"set it with {SECRET_ENV[dotted]}, not {var}", source=var)
+        if name not in names:
+            hint = _close(name, names)
+            raise ConfigError(dotted, f"unknown key{hint}", source=var)
+        out.setdefault(section, {})[name] = text
+    return out
+
+
+def _build_section(
+    section: str,
+    table: Mapping[str, Any],
+    env: Mapping[str, str],
+    base_dir: Path,
+    source: str | None,
+) -> Any:
+    cls = SECTIONS[section]
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in table:
+        if name not in fields:
+            raise ConfigError(
+                f"{section}.{name}", f"unknown key{_close(name, list(fields))}", source=source
+            )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        from_env = name in env
+        if from_env or name in table:
+            raw = env[name] if from_env else table[name]
+            where = _env_name(section, name) if from_env else source
+            try:
+                value = _convert(key, raw, hints[name], from_env)
+                check = f.metadata.get("check")
+                if check is not None:
+                    value = check(key, value)
+            except ConfigError as e:
+                suffix = f" (from {where})" if from_env else ""
+                raise ConfigError(e.key, e.message + suffix, source=where) from None
+        elif f.default is dataclasses.MISSING:
+            raise ConfigError(
+                key, f"required; set it in the file or in {_env_name(section, name)}", source=source
+            )
+        else:
+            value = f.default
+        if isinstance(value, Path) and not value.is_absolute():
+            value = ((Path.cwd() if from_env else base_dir) / value).resolve()
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> BotConfig:
+    """Read ``path`` (TOML; ``None``: no file) and ``env`` (default ``os.environ``) into a config.
+
+    Raises :class:`ConfigError` naming the key (or the file, for unreadable or invalid TOML).
+    Nothing here touches the network or the data directory.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source: str | None = None
+    base_dir = Path.cwd()
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(source, f"cannot read: {e.strerror or e}", source=source) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(source, f"invalid TOML: {e}", source=source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                source, f"invalid TOML: not UTF-8 ({e.reason})", source=source
+            ) from None
+        base_dir = Path(path).resolve().parent
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(name, f"unknown section{_close(name, list(SECTIONS))}", source=source)
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a table, got {_toml_type(value)}", source=source)
+    env_values = _env_values(env)
+    sections = {
+        name: _build_section(name, data.get(name, {}), env_values.get(name, {}), base_dir, source)
+        for name in SECTIONS
+    }
+    matrix: MatrixConfig = sections["matrix"]
+    if not (matrix.password or matrix.access_token):
+        raise ConfigError(
+            "matrix.password",
+            "required: set matrix.password or matrix.access_token in the file, or "
+            "BOT_TOOLKIT_PASSWORD / BOT_TOOLKIT_ACCESS_TOKEN in the environment",
+            source=source,
+        )
+    return BotConfig(**sections)
