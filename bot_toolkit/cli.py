@@ -1,0 +1,238 @@
+"""The ``bot-toolkit`` command (also ``python -m bot_toolkit``).
+
+Commands: ``run``, ``check-config``, ``demo``, ``healthcheck``; ``--version``.
+The config file is ``-c FILE``, else ``$BOT_TOOLKIT_CONFIG``; with neither (or an empty
+``BOT_TOOLKIT_CONFIG``) the configuration comes from the environment alone.
+
+Exit codes: 0 clean stop (also after SIGTERM / SIGINT), 2 bad configuration or usage,
+1 fatal runtime error. Every failure ends with one line on stderr that names the problem.
+
+``run`` calls ``bot_toolkit.bot.run_bot(config)``, which may return an int, None, or an awaitable
+of either. An awaitable runs in a fresh event loop; SIGTERM and SIGINT cancel it (exit 0) unless
+it installs its own handlers with ``loop.add_signal_handler``. ``demo`` calls
+``bot_toolkit.demo.main()`` the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
+from typing import Any, NoReturn
+
+from bot_toolkit import __version__
+from bot_toolkit.config import ENV_PREFIX, BotConfig, ConfigError, load_config
+from bot_toolkit.logging_setup import active_redactor, setup_logging
+
+__all__ = ["EXIT_CONFIG", "EXIT_FATAL", "EXIT_OK", "main"]
+
+log = logging.getLogger("bot_toolkit.cli")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2  # also usage errors (argparse's code)
+
+PROG = "bot-toolkit"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Matrix bot toolkit: the standalone bot.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="TOML config file (default: $BOT_TOOLKIT_CONFIG; none: environment only)",
+        )
+
+    config_arg(sub.add_parser("run", help="log in, sync and serve HTTP until stopped"))
+    config_arg(sub.add_parser("check-config", help="validate the configuration; no network"))
+    sub.add_parser("demo", help="throwaway local Synapse, bot, scripted peer verifying by SAS")
+    health = sub.add_parser("healthcheck", help="GET /healthz of a running bot (for containers)")
+    config_arg(health)
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    return parser
+
+
+def _err(message: str) -> None:
+    line = " ".join(active_redactor().redact(message).split())
+    print(f"{PROG}: {line}", file=sys.stderr)
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    path: str | None = args.config or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
+    return path
+
+
+def _load(args: argparse.Namespace) -> BotConfig | None:
+    try:
+        return load_config(_config_path(args))
+    except ConfigError as e:
+        where = e.source
+        if where and where != e.key and not where.startswith(ENV_PREFIX):
+            _err(f"config error in {where}: {e}")
+        else:
+            _err(f"config error: {e}")
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    if _load(args) is None:
+        return EXIT_CONFIG
+    print(f"config OK: {_config_path(args) or '(environment)'}")
+    return EXIT_OK
+
+
+async def _until_signal(awaitable: Awaitable[Any]) -> Any:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(awaitable)
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        received.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if received:
+            return EXIT_OK
+        raise
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _call(target: Callable[..., Any], *call_args: Any) -> int:
+    """Run a sync or async entry point and turn its result into an exit code."""
+    result = target(*call_args)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_until_signal(result))
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+
+
+def _guarded(what: str, run: Callable[[], int]) -> int:
+    try:
+        return run()
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as e:
+        log.critical("%s failed", what, exc_info=True)
+        _err(f"fatal: {what}: {type(e).__name__}: {e}")
+        return EXIT_FATAL
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.format, secrets=config.secrets())
+
+    def start() -> int:
+        bot = _optional_module("bot_toolkit.bot")
+        if bot is None:
+            _err("fatal: run is not available: this build has no bot_toolkit.bot module")
+            return EXIT_FATAL
+        log.info("bot-toolkit %s starting as %s", __version__, config.matrix.user_id)
+        return _call(bot.run_bot, config)
+
+    return _guarded("run", start)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    setup_logging("INFO", "text")
+
+    def start() -> int:
+        demo = _optional_module("bot_toolkit.demo")
+        if demo is None:
+            _err("fatal: demo is not available: this build has no bot_toolkit.demo module")
+            return EXIT_FATAL
+        return _call(demo.main)
+
+    return _guarded("demo", start)
+
+
+def _health_url(config: BotConfig) -> str:
+    host = config.http.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    return f"http://{host}:{config.http.port}/healthz"
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.http.enabled:
+        print("http is disabled (http.enabled = false); nothing to check")
+        return EXIT_OK
+    url = _health_url(config)
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except OSError as e:
+        _err(f"unhealthy: {url}: {getattr(e, 'reason', e)}")
+        return EXIT_FATAL
+    if status != 200:
+        _err(f"unhealthy: {url} answered {status}")
+        return EXIT_FATAL
+    print(f"healthy: {url}")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run,
+    "check-config": _check_config,
+    "demo": _demo,
+    "healthcheck": _healthcheck,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code."""
+    args = _parser().parse_args(argv)
+    return _COMMANDS[args.command](args)
