@@ -1,0 +1,646 @@
+"""Feed every to-device event a ``nio.AsyncClient`` receives into a :class:`Dispatcher`.
+
+``plugin = attach(client, dispatcher)`` hooks one client (nothing is patched globally, so
+several clients can live in one process) and ``plugin.detach()`` undoes it. After that:
+
+* **Plaintext events** are decoded with :func:`bot_toolkit.events.decode` from the raw dict
+  (``event.source``) that nio parsed, never from nio's own event objects. That includes the
+  types nio leaves as ``UnknownToDeviceEvent`` (request, ready, done, withheld, ``m.secret.*``)
+  and the ``m.room_key_request`` events nio hides from its own callbacks.
+* **Olm-decrypted payloads** of every type (also the ones nio drops: encrypted
+  ``m.key.verification.*``, ``m.secret.send``, custom types) are decoded with
+  ``decrypted_from`` set to the sender's curve25519 key. nio still handles ``m.room_key``,
+  ``m.forwarded_room_key`` and ``m.dummy`` exactly as before.
+* **The Olm envelope** (``m.room.encrypted``) is dispatched as
+  :class:`~bot_toolkit.events.OlmEncrypted` only when no trusted payload came out of it:
+  decryption failed, the ciphertext is not for this device, or the payload failed validation.
+  Handlers thus see each wire event once: as its payload, or as a failed envelope.
+
+Payload validation follows the spec ("Validation of incoming decrypted events"): ``sender``
+equals the to-device sender, ``recipient`` is our user id, ``recipient_keys.ed25519`` our key,
+``keys.ed25519`` the sending device's key when that device is in nio's device store, and
+``sender_device_keys``, when present, agrees with the envelope and is self-signed. A payload
+that fails is discarded (neither nio nor the dispatcher gets it), logged and counted in
+``nio_olm_rejected_total``; its envelope is dispatched as a failed one.
+
+Handoff: events of one sync are decoded inside nio's processing and handed to the dispatcher
+when nio has finished the sync's to-device section, in wire order, with ``await put``. A full
+dispatcher therefore slows the sync loop (the homeserver keeps undelivered to-device messages),
+but for at most ``backpressure_timeout`` seconds per sync; what still does not fit is dropped,
+counted in ``nio_to_device_dropped_total`` and logged. Nothing raised by this module reaches
+nio's sync loop: failures are logged and counted in ``nio_plugin_errors_total``. The same goes
+for an exception nio itself raises while handling one to-device event (nio 0.26 lets vodozemac's
+``DecodeException`` for a malformed Olm body escape and end ``sync_forever``): it is logged,
+counted (``where="nio_to_device"``) and the event is treated as undecryptable.
+
+nio 0.26 hook points (all instance attributes, restored by :meth:`NioPlugin.detach`):
+
+* ``client._handle_to_device(response)``: the batch boundary (handoff with backpressure).
+* ``client._handle_decrypt_to_device(event)``: each wire to-device event, plaintext or not.
+* ``client.olm._verify_olm_payload(sender, payload)``: payload validation (raises nio's
+  ``VerificationError`` so nio discards the payload as it does for its own checks).
+* ``client.olm._handle_olm_event(sender, sender_key, payload)``: each validated payload.
+* ``client.olm.handle_key_verification(event)`` (only with ``intercept_verification=True``):
+  replaced by a no-op, so nio neither creates its own ``Sas`` on a start nor answers key events.
+
+The olm hooks follow ``client.olm`` when nio creates it later (``login``, ``load_store``).
+nio's parser drops a to-device event with an empty ``content`` (or an ``m.room.encrypted`` one
+with an algorithm other than Olm) and leaves ``None`` in its place; the plugin then takes the
+raw event from the HTTP body nio read (``response.transport_response``), or counts it as lost
+(reason ``unparsed``) when that is not possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from nio import AsyncClient
+from nio.exceptions import VerificationError
+
+from bot_toolkit import events as _events
+from bot_toolkit._types import DeviceId, UserId
+from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
+from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
+from bot_toolkit.metrics import Metrics
+
+__all__ = [
+    "DeviceKeys",
+    "EncryptionNotReady",
+    "NioPlugin",
+    "OwnIdentity",
+    "attach",
+    "device_keys",
+    "our_identity",
+]
+
+logger = logging.getLogger("bot_toolkit.nio_plugin")
+
+_OLM_ALGORITHM: Final = "m.olm.v1.curve25519-aes-sha2"
+_MAX_LOGGED_DECODE_ERRORS: Final = 256
+"""Distinct (event type, path, reason) decode errors logged; later new ones are only counted."""
+
+_KNOWN_TYPES: Final = frozenset(
+    t
+    for name in _events.__all__
+    if isinstance(t := getattr(getattr(_events, name), "event_type", None), str) and t
+)
+"""Event types used as metric labels; any other (sender-chosen) type is labelled ``other``."""
+
+_MARK: Final = "_bot_toolkit_plugin"
+"""Attribute on our client wrapper naming its plugin (finds a plugin already attached)."""
+
+
+class EncryptionNotReady(RuntimeError):
+    """The client has no Olm machine yet (encryption disabled, or before login/``load_store``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnIdentity:
+    """Our own device: ids and public identity keys (unpadded base64)."""
+
+    user_id: UserId
+    device_id: DeviceId
+    ed25519: str
+    curve25519: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKeys:
+    """A peer device's public identity keys as nio's device store knows them."""
+
+    user_id: UserId
+    device_id: DeviceId
+    ed25519: str
+    curve25519: str
+
+
+def _olm(client: Any) -> Any:
+    olm = getattr(client, "olm", None)
+    if olm is None:
+        raise EncryptionNotReady(
+            "the nio client has no Olm machine: enable encryption and log in (or call "
+            "restore_login/load_store) first"
+        )
+    return olm
+
+
+def our_identity(client: AsyncClient) -> OwnIdentity:
+    """User id, device id and identity keys of the client's own device.
+
+    Raises:
+        EncryptionNotReady: the client has no Olm machine yet.
+    """
+    keys = _olm(client).account.identity_keys
+    return OwnIdentity(
+        UserId(client.user_id), DeviceId(client.device_id), keys["ed25519"], keys["curve25519"]
+    )
+
+
+def _known_device(olm: Any, user_id: str, device_id: str) -> Any:
+    store = olm.device_store
+    if user_id not in store.users:  # store[user] would insert an empty entry
+        return None
+    device = store[user_id].get(device_id)
+    return None if device is None or device.deleted else device
+
+
+def device_keys(client: AsyncClient, user_id: str, device_id: str) -> DeviceKeys | None:
+    """The identity keys of a peer device from nio's device store; ``None`` when unknown.
+
+    Deleted devices count as unknown. The store is filled by key queries (nio runs one for
+    users it shares an encrypted room with; add a user to ``client.users_for_key_query`` and
+    call ``client.keys_query()`` for others).
+
+    Raises:
+        EncryptionNotReady: the client has no Olm machine yet.
+    """
+    device = _known_device(_olm(client), user_id, device_id)
+    if device is None:
+        return None
+    ed25519, curve25519 = device.keys.get("ed25519"), device.keys.get("curve25519")
+    if not (isinstance(ed25519, str) and isinstance(curve25519, str)):
+        return None
+    return DeviceKeys(UserId(user_id), DeviceId(device_id), ed25519, curve25519)
+
+
+def attach(
+    client: AsyncClient,
+    dispatcher: Dispatcher,
+    *,
+    intercept_verification: bool = False,
+    backpressure_timeout: float = 10.0,
+    metrics: Metrics | None = None,
+) -> NioPlugin:
+    """Feed every to-device event ``client`` receives into ``dispatcher``; see the module doc.
+
+    Args:
+        intercept_verification: switch off nio's built-in SAS reaction for this client (use it
+            when bot_toolkit runs verification; nio's ``start_key_verification`` flows stop too).
+        backpressure_timeout: the longest one sync waits for room in a full dispatcher.
+        metrics: where to count (default: the dispatcher's registry).
+
+    Raises:
+        TypeError: ``client`` is not a ``nio.AsyncClient``.
+        RuntimeError: a plugin is already attached to ``client``.
+    """
+    if not isinstance(client, AsyncClient):
+        raise TypeError(f"attach() needs a nio.AsyncClient, got {type(client).__name__}")
+    if backpressure_timeout < 0:
+        raise ValueError("backpressure_timeout must not be negative")
+    current = getattr(vars(client).get("_handle_decrypt_to_device"), _MARK, None)
+    if isinstance(current, NioPlugin) and current.attached:
+        raise RuntimeError("a bot_toolkit plugin is already attached to this client")
+    return NioPlugin(
+        client,
+        dispatcher,
+        intercept_verification=intercept_verification,
+        backpressure_timeout=backpressure_timeout,
+        metrics=metrics,
+    )
+
+
+@dataclass(slots=True)
+class _Envelope:
+    """What happened to one Olm ``m.room.encrypted`` event while nio handled it."""
+
+    sender_key: str | None
+    validated: object = None  # the payload our validation let through
+    decrypted: bool = False  # a trusted payload came out (dispatched or counted as malformed)
+    rejected: bool = False
+
+
+class _Patch:
+    """One instance attribute replaced by a wrapper; :meth:`undo` restores it if still ours."""
+
+    __slots__ = ("_had_own", "_name", "_obj", "_previous", "_wrapper")
+
+    def __init__(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self._obj, self._name = obj, name
+        self._had_own = name in vars(obj)
+        self._previous = vars(obj).get(name)
+        self._wrapper = make(getattr(obj, name))
+        setattr(obj, name, self._wrapper)
+
+    def undo(self) -> None:
+        if vars(self._obj).get(self._name) is not self._wrapper:
+            return  # wrapped again by someone else: ours stays, as a pass-through
+        if self._had_own:
+            setattr(self._obj, self._name, self._previous)
+        else:
+            delattr(self._obj, self._name)
+
+
+class NioPlugin:
+    """The hooks of one client; made by :func:`attach`. Call :meth:`detach` to remove them."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        dispatcher: Dispatcher,
+        *,
+        intercept_verification: bool,
+        backpressure_timeout: float,
+        metrics: Metrics | None,
+    ) -> None:
+        self.client = client
+        self.dispatcher = dispatcher
+        self.intercept_verification = intercept_verification
+        self.backpressure_timeout = backpressure_timeout
+        self.metrics = metrics or getattr(dispatcher, "metrics", None) or Metrics()
+        m = self.metrics
+        self._m_events = m.counter(
+            "nio_to_device_total",
+            "To-device events the nio plugin handed to the dispatcher",
+            ["source"],  # plaintext, decrypted, undecrypted
+        )
+        self._m_dropped = m.counter(
+            "nio_to_device_dropped_total",
+            "To-device events the nio plugin could not hand over",
+            ["reason"],  # queue_full, closed, unparsed, error
+        )
+        self._m_decode = m.counter(
+            "nio_decode_errors_total", "To-device events that failed to decode", ["event_type"]
+        )
+        self._m_rejected = m.counter(
+            "nio_olm_rejected_total", "Decrypted Olm payloads that failed validation", ["reason"]
+        )
+        self._m_errors = m.counter(
+            "nio_plugin_errors_total", "Unexpected errors caught inside the nio hooks", ["where"]
+        )
+        self._m_intercepted = m.counter(
+            "nio_verification_intercepted_total",
+            "Verification events kept from nio's built-in SAS",
+            ["event_type"],
+        )
+        self._attached = True
+        self._patches: list[_Patch] = []
+        self._olm: Any = None
+        self._batch: list[ToDeviceEvent] | None = None
+        self._unparsed: deque[object] = deque()
+        self._envelope: _Envelope | None = None
+        self._logged_decode_errors: set[tuple[str, str, str]] = set()
+        self._patches.append(_Patch(client, "_handle_to_device", self._wrap_batch))
+        self._patches.append(_Patch(client, "_handle_decrypt_to_device", self._wrap_event))
+        self._hook_olm()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are active."""
+        return self._attached
+
+    def detach(self) -> None:
+        """Remove the hooks (idempotent); nio behaves as before :func:`attach` again."""
+        if not self._attached:
+            return
+        self._attached = False
+        for patch in reversed(self._patches):
+            patch.undo()
+        self._patches.clear()
+        self._olm = None
+
+    # ----------------------------------------------------------------- hooking
+
+    def _hook_olm(self) -> None:
+        """Wrap the methods of ``client.olm``; again when nio replaced its Olm machine."""
+        try:
+            olm = self.client.olm
+            if olm is None or olm is self._olm:
+                return
+            self._olm = olm
+            self._patches.append(
+                _Patch(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
+            )
+            self._patches.append(
+                _Patch(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
+            )
+            if self.intercept_verification:
+                self._patches.append(
+                    _Patch(olm, "handle_key_verification", self._wrap_verification)
+                )
+        except Exception:
+            self._error("hook_olm")
+
+    def _wrap_batch(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        async def handle_to_device(response: Any) -> None:
+            if not self._attached:
+                await original(response)
+                return
+            self._hook_olm()
+            batch: list[ToDeviceEvent] = []
+            unparsed = await self._recover_unparsed(response)
+            outer = self._batch, self._unparsed
+            self._batch, self._unparsed = batch, unparsed
+            try:
+                await original(response)
+            except BaseException:
+                self._batch, self._unparsed = outer
+                self._hand_over_nowait(batch, 0)
+                raise
+            self._batch, self._unparsed = outer
+            await self._hand_over(batch)
+
+        return handle_to_device
+
+    def _wrap_event(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def handle_decrypt_to_device(event: Any) -> Any:
+            if not self._attached:
+                return original(event)
+            self._hook_olm()
+            raw = getattr(event, "source", None)
+            if event is None and self._unparsed:
+                raw = self._unparsed.popleft()
+            envelope = None
+            try:
+                envelope = _envelope_of(raw)
+            except Exception:
+                self._error("envelope")
+            outer, self._envelope = self._envelope, envelope
+            try:
+                return original(event)
+            except Exception:
+                # nio 0.26 lets e.g. vodozemac's DecodeException for a malformed Olm body
+                # escape, which would end sync_forever: any sender could stop the bot.
+                self._error("nio_to_device")
+                return None
+            finally:
+                self._envelope = outer
+                self._after_event(raw, envelope)
+
+        setattr(handle_decrypt_to_device, _MARK, self)
+        return handle_decrypt_to_device
+
+    def _wrap_verify(
+        self, olm: Any, original: Callable[[str, Any], Any]
+    ) -> Callable[[str, Any], Any]:
+        def verify_olm_payload(sender: str, payload: Any) -> Any:
+            if not self._attached:
+                return original(sender, payload)
+            envelope = self._envelope
+            reason = self._check(olm, sender, envelope.sender_key if envelope else None, payload)
+            if reason is not None:
+                self._reject(sender, reason)
+                raise VerificationError(f"Olm payload rejected: {reason}")
+            try:
+                result = original(sender, payload)
+            except VerificationError:
+                self._reject(sender, "nio")
+                raise
+            if envelope is not None:
+                envelope.validated = payload
+            return result
+
+        return verify_olm_payload
+
+    def _wrap_payload(
+        self, olm: Any, original: Callable[[str, str, Any], Any]
+    ) -> Callable[[str, str, Any], Any]:
+        def handle_olm_event(sender: str, sender_key: str, payload: Any) -> Any:
+            if not self._attached:
+                return original(sender, sender_key, payload)
+            envelope = self._envelope
+            if envelope is None or envelope.validated is not payload:
+                # Not seen by our validation (nio changed its call order?): check here.
+                reason = self._check(olm, sender, sender_key, payload)
+                if reason is not None:
+                    self._reject(sender, reason)
+                    return None
+            if envelope is not None:
+                envelope.decrypted = True
+            event = None
+            try:
+                # Decoded before nio runs: nio mutates some payloads (forwarded key chains).
+                raw = {
+                    "type": payload.get("type"),
+                    "sender": sender,
+                    "content": copy.deepcopy(payload.get("content")),
+                }
+                event = self._decode(raw, sender_key)
+            except Exception:
+                self._error("decode_payload")
+            try:
+                return original(sender, sender_key, payload)
+            finally:
+                if event is not None:
+                    self._emit(event, "decrypted")
+
+        return handle_olm_event
+
+    def _wrap_verification(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def handle_key_verification(event: Any) -> None:
+            if not self._attached:
+                original(event)
+                return
+            self._m_intercepted.inc(type(event).__name__)
+            logger.debug(
+                "kept %s from %s away from nio's built-in SAS",
+                type(event).__name__,
+                getattr(event, "sender", None),
+            )
+
+        return handle_key_verification
+
+    async def _recover_unparsed(self, response: Any) -> deque[object]:
+        """The raw events nio's parser replaced by ``None``, from the HTTP body it read.
+
+        nio drops a to-device event with an empty ``content`` (or an ``m.room.encrypted`` one
+        with an unknown algorithm) while parsing, leaving ``None`` at its position. The body is
+        re-read (aiohttp keeps it) only when that happened.
+        """
+        try:
+            parsed = response.to_device_events
+            missing = [i for i, event in enumerate(parsed) if event is None]
+            if not missing:
+                return deque()
+            transport = getattr(response, "transport_response", None)
+            if transport is not None:
+                body = json.loads(await transport.read())
+                raws = body.get("to_device", {}).get("events", [])
+                if isinstance(raws, list) and len(raws) == len(parsed):
+                    return deque(raws[i] for i in missing)
+            logger.warning("cannot find the raw form of %d unparsed to-device events", len(missing))
+        except Exception:
+            self._error("recover_unparsed")
+        return deque()
+
+    # ----------------------------------------------------------------- per event
+
+    def _after_event(self, raw: object, envelope: _Envelope | None) -> None:
+        """After nio handled one wire event: dispatch it unless its payload went instead."""
+        try:
+            if not isinstance(raw, dict):
+                self._m_dropped.inc("unparsed")
+                logger.warning("nio could not parse a to-device event and it has no raw form")
+                return
+            if envelope is not None and envelope.decrypted:
+                return
+            event = self._decode(raw, None)
+            if event is not None:
+                self._emit(event, "plaintext" if envelope is None else "undecrypted")
+                if envelope is not None and not envelope.rejected:
+                    logger.info(
+                        "could not decrypt an Olm to-device event from %s; dispatching it "
+                        "undecrypted",
+                        raw.get("sender"),
+                    )
+        except Exception:
+            self._error("after_event")
+
+    def _check(self, olm: Any, sender: str, sender_key: str | None, payload: Any) -> str | None:
+        """Why a decrypted payload must be discarded, or ``None``. Never raises."""
+        try:
+            return _payload_problem(olm, sender, sender_key, payload)
+        except Exception:
+            self._error("validate")
+            return "validation error"
+
+    def _reject(self, sender: str, reason: str) -> None:
+        self._m_rejected.inc(reason)
+        if self._envelope is not None:
+            self._envelope.rejected = True
+        logger.warning("discarded a decrypted Olm payload from %s: %s", sender, reason)
+
+    def _decode(self, raw: dict[str, Any], decrypted_from: str | None) -> ToDeviceEvent | None:
+        try:
+            return decode(raw, decrypted_from=decrypted_from)
+        except DecodeError as exc:
+            event_type = exc.event_type or "<unknown>"
+            self._m_decode.inc(event_type if event_type in _KNOWN_TYPES else "other")
+            triple = (event_type[:100], exc.path, exc.reason)
+            seen = self._logged_decode_errors
+            if triple not in seen and len(seen) < _MAX_LOGGED_DECODE_ERRORS:
+                seen.add(triple)
+                logger.warning(
+                    "cannot decode a %s to-device event from %s at %s: %s",
+                    triple[0],
+                    raw.get("sender"),
+                    exc.path or "<event>",
+                    exc.reason,
+                )
+            return None
+
+    def _emit(self, event: ToDeviceEvent, source: str) -> None:
+        self._m_events.inc(source)
+        if self._batch is not None:
+            self._batch.append(event)
+        else:  # outside a sync's to-device section (nio called its hooks from elsewhere)
+            self._hand_over_nowait([event], 0)
+
+    # ----------------------------------------------------------------- handoff
+
+    async def _hand_over(self, batch: list[ToDeviceEvent]) -> None:
+        """``await put`` each event, waiting at most ``backpressure_timeout`` in all."""
+        if not batch:
+            return
+        done = 0
+        try:
+            async with asyncio.timeout(self.backpressure_timeout):
+                for event in batch:
+                    await self.dispatcher.put(event)
+                    done += 1
+        except TimeoutError:
+            logger.warning(
+                "dispatcher still full after %.1fs; %d to-device events of this sync left",
+                self.backpressure_timeout,
+                len(batch) - done,
+            )
+        except DispatcherClosed:
+            self._drop(len(batch) - done, "closed")
+            return
+        except Exception:
+            self._error("put")
+        self._hand_over_nowait(batch, done)
+
+    def _hand_over_nowait(self, batch: list[ToDeviceEvent], start: int) -> None:
+        lost: dict[str, int] = {}
+        for event in batch[start:]:
+            try:
+                if self.dispatcher.put_nowait(event):
+                    continue
+                reason = "queue_full"
+            except DispatcherClosed:
+                reason = "closed"
+            except Exception:
+                self._error("put_nowait")
+                reason = "error"
+            lost[reason] = lost.get(reason, 0) + 1
+        for reason, count in lost.items():
+            self._drop(count, reason)
+
+    def _drop(self, count: int, reason: str) -> None:
+        if count <= 0:
+            return
+        self._m_dropped.inc(reason, amount=count)
+        logger.warning("dropped %d to-device events (%s)", count, reason)
+
+    def _error(self, where: str) -> None:
+        self._m_errors.inc(where)
+        with contextlib.suppress(Exception):
+            logger.exception("bot_toolkit nio plugin failed in %s; nio carries on", where)
+
+
+def _envelope_of(raw: object) -> _Envelope | None:
+    """An :class:`_Envelope` when ``raw`` is an Olm ``m.room.encrypted`` event."""
+    if not isinstance(raw, dict) or raw.get("type") != "m.room.encrypted":
+        return None
+    content = raw.get("content")
+    if not isinstance(content, dict) or content.get("algorithm") != _OLM_ALGORITHM:
+        return None
+    sender_key = content.get("sender_key")
+    return _Envelope(sender_key if isinstance(sender_key, str) else None)
+
+
+def _payload_problem(olm: Any, sender: str, sender_key: str | None, payload: Any) -> str | None:
+    """The spec checks on a decrypted Olm payload; the failed one, or ``None``."""
+    if not isinstance(payload, dict):
+        return "payload is not an object"
+    if payload.get("sender") != sender:
+        return "sender mismatch"
+    if payload.get("recipient") != olm.user_id:
+        return "recipient mismatch"
+    recipient_keys = payload.get("recipient_keys")
+    ours = olm.account.identity_keys["ed25519"]
+    if not isinstance(recipient_keys, dict) or recipient_keys.get("ed25519") != ours:
+        return "recipient_keys.ed25519 mismatch"
+    keys = payload.get("keys")
+    claimed = keys.get("ed25519") if isinstance(keys, dict) else None
+    if not isinstance(claimed, str):
+        return "keys.ed25519 missing"
+    if sender_key is None:
+        return None
+    store = olm.device_store
+    device = None
+    if sender in store.users:  # device_from_sender_key would insert an empty entry
+        device = store.device_from_sender_key(sender, sender_key)
+    if device is not None and device.keys.get("ed25519") != claimed:
+        return "keys.ed25519 mismatch"
+    sender_device_keys = payload.get("sender_device_keys")
+    if sender_device_keys is not None:
+        return _sender_device_keys_problem(olm, sender, sender_key, claimed, sender_device_keys)
+    return None
+
+
+def _sender_device_keys_problem(
+    olm: Any, sender: str, sender_key: str, claimed: str, sdk: object
+) -> str | None:
+    if not isinstance(sdk, dict) or sdk.get("user_id") != sender:
+        return "sender_device_keys.user_id mismatch"
+    device_id, keys = sdk.get("device_id"), sdk.get("keys")
+    if not isinstance(device_id, str) or not isinstance(keys, dict):
+        return "sender_device_keys malformed"
+    if keys.get(f"curve25519:{device_id}") != sender_key:
+        return "sender_device_keys curve25519 mismatch"
+    if keys.get(f"ed25519:{device_id}") != claimed:
+        return "sender_device_keys ed25519 mismatch"
+    try:
+        signed = bool(olm.verify_json(copy.deepcopy(sdk), claimed, sender, device_id))
+    except Exception:  # malformed key or signature encoding
+        signed = False
+    return None if signed else "sender_device_keys signature invalid"
