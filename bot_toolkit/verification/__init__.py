@@ -3,12 +3,32 @@
 * :mod:`.table`: the state machine as one transition table, plus pure policy helpers (no I/O).
 * :mod:`.sas`: SAS maths on vodozemac (commitment, SAS emoji/decimals, MACs), one
   :class:`SasSession` per transaction.
+* :mod:`.manager`: :class:`VerificationManager`, the I/O around both (dispatcher handlers,
+  outbox, nio trust store, timers, restart cancels, admin controller).
+* :mod:`.lifecycle`: the lifecycle events the manager puts into the dispatcher.
 
 The public names of both are re-exported here.
 """
 
 from __future__ import annotations
 
+from .lifecycle import (
+    SasPrompt,
+    SasReady,
+    VerificationCancelled,
+    VerificationDone,
+    VerificationRequested,
+)
+from .manager import (
+    RESTART_REASON,
+    KeySource,
+    MalformedVerificationEvent,
+    NioKeySource,
+    OutboxLike,
+    VerificationManager,
+    VerificationPolicy,
+    watch_malformed,
+)
 from .sas import (
     HASH_SHA256,
     KEY_AGREEMENT_V2,
@@ -105,6 +125,7 @@ __all__ = [
     "REQUEST_MAX_AGE",
     "REQUEST_MAX_FUTURE",
     "REQUEST_PROMPT_AFTER_RECEIPT",
+    "RESTART_REASON",
     "SAS_DECIMAL",
     "SAS_EMOJI",
     "SUPPORTED_METHODS",
@@ -122,8 +143,12 @@ __all__ = [
     "Input",
     "InvalidSasMessageError",
     "KeyMismatchError",
+    "KeySource",
+    "MalformedVerificationEvent",
     "MarkVerified",
+    "NioKeySource",
     "NotifyOthers",
+    "OutboxLike",
     "Outcome",
     "Party",
     "RejectLocal",
@@ -131,6 +156,8 @@ __all__ = [
     "SasAgreement",
     "SasError",
     "SasOffer",
+    "SasPrompt",
+    "SasReady",
     "SasSession",
     "SasStateError",
     "SendAccept",
@@ -146,6 +173,11 @@ __all__ = [
     "State",
     "TransactionTimers",
     "UnknownMethodError",
+    "VerificationCancelled",
+    "VerificationDone",
+    "VerificationManager",
+    "VerificationPolicy",
+    "VerificationRequested",
     "accepted_notice_targets",
     "agreement_from_accept",
     "canonical_json",
@@ -169,4 +201,5 @@ __all__ = [
     "transition",
     "unpadded_b64",
     "verify_commitment",
+    "watch_malformed",
 ]

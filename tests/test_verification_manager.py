@@ -1,0 +1,562 @@
+"""Unit tests of the verification manager: two managers back to back, fakes for I/O."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot_toolkit.store import Store
+from bot_toolkit.verification import (
+    RESTART_REASON,
+    MalformedVerificationEvent,
+    SasReady,
+    SasSession,
+    State,
+    VerificationCancelled,
+    VerificationDone,
+    VerificationPolicy,
+    VerificationRequested,
+)
+from bot_toolkit.verification.table import Party
+from tests.verification_helpers import (
+    FakeClock,
+    Side,
+    auto_confirm,
+    close_sides,
+    eventually,
+    make_side,
+    settle,
+    wire,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def pair(clock: FakeClock) -> AsyncIterator[tuple[Side, Side]]:
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    try:
+        yield a, b
+    finally:
+        await close_sides(a, b)
+
+
+def _done(side: Side, txn: str) -> bool:
+    return any(e.transaction_id == txn for e in side.of(VerificationDone))
+
+
+async def test_we_request_and_start_both_end_verified(pair: tuple[Side, Side]) -> None:
+    a, b = pair
+    txn = await b.manager.request_verification(a.user_id, a.device_id)
+    await eventually(lambda: _done(a, txn) and _done(b, txn), what="both done")
+    assert (b.user_id, b.device_id) in a.keys.verified
+    assert (a.user_id, a.device_id) in b.keys.verified
+    assert a.manager.state_of(txn) is State.DONE and b.manager.state_of(txn) is State.DONE
+    # The same SAS on both sides.
+    sas_a, sas_b = a.of(SasReady)[0], b.of(SasReady)[0]
+    assert sas_a.emoji == sas_b.emoji and len(sas_a.emoji) == 7
+    assert sas_a.decimals == sas_b.decimals
+    requested = a.of(VerificationRequested)[0]
+    assert requested.incoming and requested.user_id == b.user_id
+    assert not b.of(VerificationRequested)[0].incoming
+    assert a.metrics.get("verifications_total").get("done", "") == 1  # type: ignore[union-attr]
+    assert not a.outbox.cancels() and not b.outbox.cancels()
+    # Explicit device ids only.
+    assert all(s[2] != "*" for s in b.outbox.sent + a.outbox.sent)
+    done = await b.manager.wait_finished(txn, 5)
+    assert isinstance(done, VerificationDone)
+    assert done.verified_keys == (f"ed25519:{a.device_id}",)
+
+
+async def test_responder_starts(clock: FakeClock) -> None:
+    policy = VerificationPolicy(
+        allowed_users=["@*:test"], confirm=auto_confirm(), start_as_requester=False
+    )
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock, policy=policy)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn) is State.READY)
+        assert await a.manager.start_sas(txn)
+        await eventually(lambda: _done(a, txn) and _done(b, txn))
+        assert a.outbox.of_type("start", txn) and not b.outbox.of_type("start", txn)
+        assert (a.user_id, a.device_id) in b.keys.verified
+    finally:
+        await close_sides(a, b)
+
+
+async def test_start_race_smaller_user_wins(clock: FakeClock) -> None:
+    """Both sides start at once: alice (smaller user id) wins, bob's start is dropped."""
+    policy = VerificationPolicy(
+        allowed_users=["@*:test"], confirm=auto_confirm(), start_as_requester=False
+    )
+    a = await make_side("alice", clock, policy=policy)
+    b = await make_side("bob", clock, policy=policy)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: b.manager.state_of(txn) is State.READY)
+        await asyncio.gather(a.manager.start_sas(txn), b.manager.start_sas(txn))
+        await eventually(lambda: _done(a, txn) and _done(b, txn))
+        assert len(a.outbox.of_type("accept", txn)) == 0
+        assert len(b.outbox.of_type("accept", txn)) == 1
+        for side in (a, b):
+            assert len(side.outbox.of_type("key", txn)) == 1
+    finally:
+        await close_sides(a, b)
+
+
+async def test_held_request_until_keys_arrive(clock: FakeClock) -> None:
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    # alice has not downloaded bob's keys yet: a query brings them.
+    a.keys.later[(b.user_id, b.device_id)] = a.keys.known.pop((b.user_id, b.device_id))
+    a.keys.query_delay = 0.05
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: _done(a, txn) and _done(b, txn))
+        assert a.keys.queries == [b.user_id]
+        assert (b.user_id, b.device_id) in a.keys.verified
+    finally:
+        await close_sides(a, b)
+
+
+async def test_held_request_refused_when_keys_never_arrive(clock: FakeClock) -> None:
+    policy = VerificationPolicy(
+        allowed_users=["@*:test"], confirm=auto_confirm(), key_query_timeout=0.2
+    )
+    a = await make_side("alice", clock, policy=policy)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.keys.known.pop((b.user_id, b.device_id))
+    a.keys.query_hangs = True
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
+        assert a.outbox.cancels(txn) == ["m.user"]
+        assert a.manager.state_of(txn) is None
+        cancelled = b.of(VerificationCancelled)[0]
+        assert cancelled.code == "m.user" and not cancelled.by_us
+    finally:
+        await close_sides(a, b)
+
+
+async def test_refused_user_gets_m_user(clock: FakeClock) -> None:
+    a = await make_side("alice", clock, policy=VerificationPolicy(allowed_users=["@carol:test"]))
+    b = await make_side("bob", clock)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
+        assert a.outbox.cancels(txn) == ["m.user"]
+        assert not a.outbox.of_type("ready")
+        # bob never answers the cancel.
+        assert not b.outbox.cancels(txn)
+    finally:
+        await close_sides(a, b)
+
+
+async def test_operator_mode_confirm_and_list(clock: FakeClock) -> None:
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None, auto_accept=False)
+    a = await make_side("alice", clock, policy=operator)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn) is State.REQUESTED_IN)
+        [info] = a.manager.list_in_progress()
+        assert (info.id, info.user_id, info.device_id, info.state) == (
+            txn,
+            b.user_id,
+            b.device_id,
+            "requested_in",
+        )
+        assert info.deadline is not None and info.deadline <= clock() + 120
+        assert await a.manager.confirm(txn)  # accept the request
+        # bob confirms on his own and his MAC may already be here
+        await eventually(
+            lambda: a.manager.state_of(txn) in (State.KEYS_EXCHANGED, State.MAC_RECEIVED)
+        )
+        [info] = a.manager.list_in_progress()
+        assert len(info.emoji) == 7 and info.decimals is not None
+        assert info.emoji == b.of(SasReady)[0].emoji
+        assert not await a.manager.start_sas(txn)  # refused in this state
+        assert await a.manager.confirm(txn)
+        await eventually(lambda: _done(a, txn) and _done(b, txn))
+        assert a.manager.list_in_progress() == []
+        with pytest.raises(KeyError):
+            await a.manager.confirm(txn)
+        with pytest.raises(KeyError):
+            await a.manager.confirm("nope")
+    finally:
+        await close_sides(a, b)
+
+
+async def test_operator_cancel_and_peer_cancel_not_answered(clock: FakeClock) -> None:
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
+    a = await make_side("alice", clock, policy=operator)
+    b = await make_side("bob", clock, policy=operator)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: b.manager.state_of(txn) is State.KEYS_EXCHANGED)
+        assert await b.manager.cancel(txn)
+        await eventually(lambda: a.manager.state_of(txn) is State.CANCELLED)
+        assert b.outbox.cancels(txn) == ["m.user"]
+        assert a.outbox.cancels(txn) == []
+        [theirs] = a.of(VerificationCancelled)
+        assert theirs.code == "m.user" and not theirs.by_us
+        [ours] = b.of(VerificationCancelled)
+        assert ours.by_us
+        assert not await b.manager.cancel(txn)
+        assert b.metrics.get("verification_cancels_sent_total").get("m.user") == 1  # type: ignore[union-attr]
+        assert a.metrics.get("verifications_total").get("cancelled", "m.user") == 1  # type: ignore[union-attr]
+    finally:
+        await close_sides(a, b)
+
+
+async def test_mismatch_sends_mismatched_sas(clock: FakeClock) -> None:
+    no = VerificationPolicy(allowed_users=["@*:test"], confirm=auto_confirm(False))
+    a = await make_side("alice", clock, policy=no)
+    b = await make_side("bob", clock, policy=VerificationPolicy(allowed_users=["@*:test"]))
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
+        assert a.outbox.cancels(txn) == ["m.mismatched_sas"]
+        assert not b.keys.verified and not a.keys.verified
+    finally:
+        await close_sides(a, b)
+
+
+async def test_timeout_overall(clock: FakeClock) -> None:
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
+    a = await make_side("alice", clock, policy=operator)
+    b = await make_side("bob", clock, policy=operator)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn) is State.KEYS_EXCHANGED)
+        clock.advance(599)
+        await a.manager.check_timeouts()
+        assert a.manager.state_of(txn) is State.KEYS_EXCHANGED
+        clock.advance(2)
+        await a.manager.check_timeouts()
+        assert a.manager.state_of(txn) is State.CANCELLED
+        assert a.outbox.cancels(txn) == ["m.timeout"]
+        await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
+        assert not b.outbox.cancels(txn)
+        # finished ids are forgotten after the idle period
+        clock.advance(601)
+        await a.manager.check_timeouts()
+        assert a.manager.state_of(txn) is None
+    finally:
+        await close_sides(a, b)
+
+
+async def test_unanswered_request_lapses_silently(clock: FakeClock) -> None:
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None, auto_accept=False)
+    a = await make_side("alice", clock, policy=operator)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn) is State.REQUESTED_IN)
+        clock.advance(121)
+        await a.manager.check_timeouts()
+        assert a.manager.state_of(txn) is State.CANCELLED
+        assert a.outbox.cancels(txn) == []  # the prompt lapses; nothing is sent
+        await eventually(lambda: bool(a.of(VerificationCancelled)))
+        assert a.of(VerificationCancelled)[0].code == "m.timeout"
+    finally:
+        await close_sides(a, b)
+
+
+async def test_stale_and_future_requests_ignored(pair: tuple[Side, Side], clock: FakeClock) -> None:
+    a, b = pair
+    for i, offset in enumerate((-601.0, 301.0)):
+        content = {
+            "from_device": b.device_id,
+            "methods": ["m.sas.v1"],
+            "timestamp": int((clock() + offset) * 1000),
+            "transaction_id": f"old{i}",
+        }
+        a.put_raw(b.user_id, "m.key.verification.request", content)
+    await settle(a)
+    assert a.outbox.sent == []
+    assert a.manager.state_of("old0") is None and a.manager.state_of("old1") is None
+
+
+def _request(side: Side, txn: str, clock: FakeClock) -> dict[str, object]:
+    return {
+        "from_device": side.device_id,
+        "methods": ["m.sas.v1"],
+        "timestamp": int(clock() * 1000),
+        "transaction_id": txn,
+    }
+
+
+async def test_unknown_transactions(pair: tuple[Side, Side], clock: FakeClock) -> None:
+    a, b = pair
+    a.outbox.deliver = None  # only look at what alice sends
+    sender = b.user_id
+    a.put_raw(sender, "m.key.verification.key", {"transaction_id": "u1", "key": "abc"})
+    a.put_raw(
+        sender,
+        "m.key.verification.cancel",
+        {"transaction_id": "u2", "code": "m.user", "reason": "x"},
+    )
+    a.put_raw(
+        sender,
+        "m.key.verification.start",
+        {"transaction_id": "u3", "from_device": b.device_id, "method": "m.qr_code.scan.v1"},
+    )
+    await settle(a)
+    assert a.outbox.cancels("u1") == ["m.unknown_transaction"]
+    assert a.outbox.cancels("u2") == []
+    assert a.outbox.cancels("u3") == ["m.unknown_method"]
+
+
+async def test_wrong_user_and_malformed(pair: tuple[Side, Side], clock: FakeClock) -> None:
+    a, b = pair
+    a.outbox.deliver = None
+    a.put_raw(b.user_id, "m.key.verification.request", _request(b, "t1", clock))
+    await eventually(lambda: a.manager.state_of("t1") is State.READY)
+    a.put_raw("@mallory:test", "m.key.verification.key", {"transaction_id": "t1", "key": "abc"})
+    await settle(a)
+    assert [(s[1], s[3]["code"]) for s in a.outbox.of_type("cancel", "t1")] == [
+        ("@mallory:test", "m.user_mismatch")
+    ]
+    assert a.manager.state_of("t1") is State.READY  # a third party cannot end it
+    # A malformed event of the peer in the known transaction: m.invalid_message.
+    a.dispatcher.put_nowait(
+        MalformedVerificationEvent(
+            sender=b.user_id, transaction_id="t1", event_type_name="m.key.verification.mac"
+        )
+    )
+    await eventually(lambda: a.manager.state_of("t1") is State.CANCELLED)
+    assert a.outbox.cancels("t1")[-1] == "m.invalid_message"
+    # A malformed cancel is still a cancel: never answered.
+    a.put_raw(b.user_id, "m.key.verification.request", _request(b, "t2", clock))
+    await eventually(lambda: a.manager.state_of("t2") is State.READY)
+    a.dispatcher.put_nowait(
+        MalformedVerificationEvent(
+            sender=b.user_id, transaction_id="t2", event_type_name="m.key.verification.cancel"
+        )
+    )
+    await eventually(lambda: a.manager.state_of("t2") is State.CANCELLED)
+    assert a.outbox.cancels("t2") == []
+
+
+async def test_key_before_accept_is_unexpected(pair: tuple[Side, Side], clock: FakeClock) -> None:
+    a, b = pair
+    a.outbox.deliver = None
+    a.put_raw(b.user_id, "m.key.verification.request", _request(b, "k1", clock))
+    await eventually(lambda: a.manager.state_of("k1") is State.READY)
+    a.put_raw(b.user_id, "m.key.verification.key", {"transaction_id": "k1", "key": "abc"})
+    await eventually(lambda: a.manager.state_of("k1") is State.CANCELLED)
+    assert a.outbox.cancels("k1") == ["m.unexpected_message"]
+
+
+async def test_concurrent_attempts_all_cancelled_and_error_cap(
+    clock: FakeClock,
+) -> None:
+    policy = VerificationPolicy(
+        allowed_users=["@*:test"], confirm=auto_confirm(), max_error_replies=3
+    )
+    a = await make_side("alice", clock, policy=policy)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    try:
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "f0", clock))
+        await eventually(lambda: a.manager.state_of("f0") is State.READY)
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "f1", clock))
+        await eventually(lambda: a.manager.state_of("f0") is State.CANCELLED)
+        assert a.outbox.cancels("f0") == ["m.user"]
+        assert a.outbox.cancels("f1") == ["m.user"]
+        assert a.manager.state_of("f1") is None  # never became a transaction
+        # A flood of unknown-transaction events: replies capped at 3 per minute per device.
+        before = len(a.outbox.cancels())
+        for i in range(20):
+            a.put_raw(b.user_id, "m.key.verification.key", {"transaction_id": f"x{i}", "key": "k"})
+        await settle(a)
+        assert len(a.outbox.cancels()) - before <= 3
+        clock.advance(61)
+        a.put_raw(b.user_id, "m.key.verification.key", {"transaction_id": "late", "key": "k"})
+        await settle(a)
+        assert a.outbox.cancels("late") == ["m.unknown_transaction"]
+    finally:
+        await close_sides(a, b)
+
+
+async def test_duplicates_ignored_and_two_keys_never(clock: FakeClock) -> None:
+    """Drive alice by hand as bob (a SasSession of our own), repeating and racing inputs."""
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    try:
+        txn = "dup1"
+        req = _request(b, txn, clock)
+        for _ in range(3):
+            a.put_raw(b.user_id, "m.key.verification.request", req)
+        await eventually(lambda: a.manager.state_of(txn) is State.READY)
+        await settle(a)
+        assert len(a.outbox.of_type("ready", txn)) == 1
+        bob_sas = SasSession(
+            transaction_id=txn,
+            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+            we_started=True,
+        )
+        start = bob_sas.start_content()
+        for _ in range(3):
+            a.put_raw(b.user_id, "m.key.verification.start", start)
+        await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
+        bob_sas.receive_accept(a.outbox.of_type("accept", txn)[0][3])
+        key = bob_sas.our_key_event_content()
+        for _ in range(4):  # the same key again and again, concurrently
+            a.put_raw(b.user_id, "m.key.verification.key", key)
+        await eventually(lambda: a.manager.state_of(txn) is not State.STARTED_IN)
+        await settle(a)
+        assert len(a.outbox.of_type("key", txn)) == 1
+        assert a.manager.state_of(txn) in (State.KEYS_EXCHANGED, State.MAC_SENT)
+        # A different key now: out of sequence; still only one key of ours went out.
+        other = SasSession(
+            transaction_id=txn,
+            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+            we_started=False,
+        )
+        a.put_raw(
+            b.user_id, "m.key.verification.key", {"transaction_id": txn, "key": other.public_key}
+        )
+        await eventually(lambda: a.manager.state_of(txn) is State.CANCELLED)
+        assert a.outbox.cancels(txn) == ["m.unexpected_message"]
+        assert len(a.outbox.of_type("key", txn)) == 1
+    finally:
+        await close_sides(a, b)
+
+
+async def test_wrong_mac_is_key_mismatch(clock: FakeClock) -> None:
+    a = await make_side("alice", clock, policy=VerificationPolicy(allowed_users=["@*:test"]))
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    try:
+        txn = "mac1"
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, txn, clock))
+        await eventually(lambda: a.manager.state_of(txn) is State.READY)
+        bob = SasSession(
+            transaction_id=txn,
+            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+            we_started=True,
+        )
+        a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
+        await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
+        bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
+        a.put_raw(b.user_id, "m.key.verification.key", bob.our_key_event_content())
+        await eventually(lambda: len(a.outbox.of_type("key", txn)) == 1)
+        bob.receive_their_key(a.outbox.of_type("key", txn)[0][3]["key"])
+        # MAC over the wrong device key.
+        mac = bob.mac_content({f"ed25519:{b.device_id}": "not-bobs-key"})
+        a.put_raw(b.user_id, "m.key.verification.mac", mac)
+        await eventually(lambda: a.manager.state_of(txn) is State.CANCELLED)
+        assert a.outbox.cancels(txn) == ["m.key_mismatch"]
+        assert not a.keys.verified
+    finally:
+        await close_sides(a, b)
+
+
+async def test_legacy_start_first_flow(pair: tuple[Side, Side]) -> None:
+    a, b = pair
+    a.outbox.deliver = None
+    txn = "legacy1"
+    bob = SasSession(
+        transaction_id=txn,
+        us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+        them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+        we_started=True,
+    )
+    a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
+    await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
+    assert a.manager.state_of(txn) is State.LEGACY_STARTED_IN
+    bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
+    a.put_raw(b.user_id, "m.key.verification.key", bob.our_key_event_content())
+    await eventually(lambda: len(a.outbox.of_type("mac", txn)) == 1)
+    bob.receive_their_key(a.outbox.of_type("key", txn)[0][3]["key"])
+    bob.verify_mac(
+        a.outbox.of_type("mac", txn)[0][3]["mac"],
+        a.outbox.of_type("mac", txn)[0][3]["keys"],
+        {f"ed25519:{a.device_id}": a.keys.ed25519},
+    )
+    a.put_raw(
+        b.user_id,
+        "m.key.verification.mac",
+        bob.mac_content({f"ed25519:{b.device_id}": b.keys.ed25519}),
+    )
+    await eventually(lambda: a.manager.state_of(txn) is State.DONE)
+    assert (b.user_id, b.device_id) in a.keys.verified
+    assert not a.outbox.of_type("done", txn)  # the start-first flow has no done
+
+
+async def test_restart_cancels_unexpired(tmp_path: Path, clock: FakeClock) -> None:
+    store = await Store.open(tmp_path / "s.sqlite3")
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
+    try:
+        a = await make_side("alice", clock, policy=operator, store=store)
+        b = await make_side("bob", clock, policy=operator)
+        wire(a, b)
+        txn1 = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn1) is State.KEYS_EXCHANGED)
+        # An older one (another device of bob's) that will have expired by the restart.
+        a.keys.known[(b.user_id, "BOB2")] = "ed-bob2"
+        a.keys.known[(b.user_id, "BOB3")] = "ed-bob3"
+        clock.advance(-700)
+        txn0 = "old-one"
+        a.put_raw(
+            b.user_id,
+            "m.key.verification.request",
+            {**_request(b, txn0, clock), "from_device": "BOB2"},
+        )
+        await eventually(lambda: a.manager.state_of(txn0) is State.READY)
+        clock.advance(700)
+        # A finished one is not persisted.
+        txn2 = "finished-one"
+        a.put_raw(
+            b.user_id,
+            "m.key.verification.request",
+            {**_request(b, txn2, clock), "from_device": "BOB3"},
+        )
+        await eventually(lambda: a.manager.state_of(txn2) is State.READY)
+        await a.manager.cancel(txn2)
+        rows = await store.fetchall("SELECT txn FROM verification_inflight")
+        assert sorted(r[0] for r in rows) == sorted([txn0, txn1])
+        await close_sides(a, b)  # "crash": nothing is cleaned up
+
+        restarted = await make_side("alice", clock, policy=operator, store=store)
+        try:
+            cancels = restarted.outbox.of_type("cancel")
+            assert [
+                (s[1], s[2], s[3]["transaction_id"], s[3]["code"], s[3]["reason"]) for s in cancels
+            ] == [(b.user_id, b.device_id, txn1, "m.user", RESTART_REASON)]
+            assert await store.fetchall("SELECT * FROM verification_inflight") == []
+            assert restarted.manager.list_in_progress() == []
+        finally:
+            await close_sides(restarted)
+    finally:
+        await store.close()
