@@ -235,7 +235,8 @@ class KeySharing:
         self._reshare: set[str] = set()
         self._withholding = False  # inside share_group_session_parallel
         self._observed: set[str] = set()  # curve25519 keys with a live session, not yet recorded
-        self._in_flight: set[str] = set()  # m.no_olm transaction ids being handed to the outbox
+        # m.no_olm transaction ids being handed to the outbox, or handed over but not recorded
+        self._in_flight: set[str] = set()
         self._answered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
@@ -316,8 +317,9 @@ class KeySharing:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._error("background")
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._m_errors.inc("background")
+            log.error("key sharing background task failed", exc_info=exc)
 
     def _error(self, where: str) -> None:
         self._m_errors.inc(where)
@@ -630,8 +632,12 @@ class KeySharing:
         log.info("told %d devices why they get no key for %s", len(sent), done.room_id)
 
     async def _deliver_no_olm(self, peer: PeerDevice, txn_id: str) -> bool:
-        """Hand the decided notice ``txn_id`` to the outbox and record it; False on failure (it
-        stays pending in the ledger and is sent again by :meth:`recover`)."""
+        """Hand the decided notice ``txn_id`` to the outbox and record that in the ledger.
+
+        False when the outbox did not take it: it stays pending and is tried again after the
+        next share (and by :meth:`recover`). When only the ledger's record fails, the notice is
+        not handed over again by this process.
+        """
         _, device_id, curve = self._own()
         content = withheld_content(
             WithheldError(WithheldCode.NO_OLM), sender_key=curve, from_device=device_id
@@ -643,15 +649,19 @@ class KeySharing:
                 await self._outbox.send(WITHHELD_EVENT, messages, txn_id=txn_id)  # type: ignore[call-arg]
             else:
                 await self._outbox.send(WITHHELD_EVENT, messages)
-            await self.ledger.mark_sent(peer, txn_id)
         except Exception:
             self._retry_needed = True
+            self._in_flight.discard(txn_id)
             self._error("send_no_olm")
             return False
-        finally:
-            self._in_flight.discard(txn_id)
         self._counters.sent.inc(WithheldCode.NO_OLM)
         log.info("told %s %s m.no_olm", peer.user_id, peer.device_id)
+        try:
+            await self.ledger.mark_sent(peer, txn_id)
+        except Exception:
+            self._error("mark_sent")  # stays in _in_flight: never handed over twice here
+        else:
+            self._in_flight.discard(txn_id)
         return True
 
     async def _reply(self, event: RoomKeyRequest, refusal: WithheldError) -> None:
@@ -704,10 +714,10 @@ class KeySharing:
                 have_session=_holds_session(olm, event),
             )
         except WithheldError as refusal:
+            await self._reply(event, refusal)
             self._answered[key] = None
             while len(self._answered) > _REQUESTS_REMEMBERED:
                 self._answered.popitem(last=False)
-            await self._reply(event, refusal)
 
     async def _on_withheld(self, event: RoomKeyWithheld) -> None:
         """A peer could not set up an Olm session with us: open one to it and send ``m.dummy``."""

@@ -313,3 +313,52 @@ async def test_claims_back_off_between_messages(bot: BotProcess, peer: RawDevice
     assert len(claims) == 3
     await peer.drain()
     assert len(_no_olm(peer, bot)) == 1
+
+
+async def test_crash_after_the_decision_sends_the_notice_once_after_restart(
+    bot: BotProcess, peer: RawDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room_id = await _room_with(bot, peer)
+
+    async def dies_before_the_outbox(device: PeerDevice, txn_id: str) -> bool:
+        return False  # the process dies here: decided and recorded, never handed over
+
+    monkeypatch.setattr(bot.sharing, "_deliver_no_olm", dies_before_the_outbox)
+    await bot.say(room_id, "one")
+    [(device, txn_id)] = await bot.sharing.ledger.pending()
+    assert device == _peer_device(peer)
+    await peer.drain()
+    assert _no_olm(peer, bot) == []
+
+    await bot.restart()  # recovery hands the recorded notice to the outbox
+    assert await bot.outbox.flush(10.0)
+    assert await bot.sharing.ledger.pending() == []
+    entry = await bot.sharing.ledger.entry(_peer_device(peer))
+    assert entry is not None and (entry.txn_id, entry.notices) == (txn_id, 1)
+    bot.clock.advance(16 * 60)
+    await bot.say(room_id, "two")
+    await peer.drain()
+    assert len(_no_olm(peer, bot)) == 1
+    assert (bot.sent(), bot.suppressed()) == (1, 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Outbox.send takes no txn_id: a crash between the outbox's commit and the ledger's "
+    "mark_sent makes recovery send a second notice under a new transaction id",
+)
+async def test_crash_after_the_outbox_stored_the_notice_sends_no_second_one(
+    bot: BotProcess, peer: RawDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room_id = await _room_with(bot, peer)
+
+    async def dies_before_marking(device: PeerDevice, txn_id: str) -> None:
+        raise RuntimeError("process killed")
+
+    monkeypatch.setattr(bot.sharing.ledger, "mark_sent", dies_before_marking)
+    await bot.say(room_id, "one")
+    monkeypatch.undo()
+    await bot.restart()
+    assert await bot.outbox.flush(10.0)
+    await peer.drain()
+    assert len(_no_olm(peer, bot)) == 1
