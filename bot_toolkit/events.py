@@ -264,14 +264,16 @@ class KeyVerificationStartReciprocate(KeyVerificationStart, frozen=True, kw_only
 class KeyVerificationAccept(VerificationEvent, frozen=True, kw_only=True):
     """``m.key.verification.accept``: accepts an SAS start and commits to a key.
 
-    The schema lists ``method`` as required without declaring it; every real peer sends
-    ``m.sas.v1``, so :func:`decode` requires it (as a string).
+    The schema lists ``method`` as required without declaring it. :func:`decode` does not require
+    it: an accept is only defined for ``m.sas.v1``, so a missing ``method`` reads as ``m.sas.v1``
+    (interop testing here reported matrix-rust-sdk based peers leaving it out); when present it
+    must be a string, and the SAS code refuses any other value.
     https://spec.matrix.org/latest/client-server-api/#mkeyverificationaccept
     """
 
     event_type: ClassVar[str] = "m.key.verification.accept"
 
-    method: str
+    method: str = "m.sas.v1"
     key_agreement_protocol: str
     hash: str
     message_authentication_code: str

@@ -191,7 +191,6 @@ EXAMPLES = {
         },
         [
             ("transaction_id",),
-            ("method",),
             ("key_agreement_protocol",),
             ("hash",),
             ("message_authentication_code",),
@@ -766,6 +765,17 @@ def test_withheld_other_codes_need_room(code: str) -> None:
     raw["content"]["room_id"] = ROOM
     del raw["content"]["session_id"]
     assert _decode_error(raw).path == "content.session_id"
+
+
+def test_accept_without_method_means_sas() -> None:
+    event = decode(_without(EXAMPLES["accept"][0], ("method",)))
+    assert isinstance(event, KeyVerificationAccept)
+    assert event.method == "m.sas.v1"
+    error = _decode_error(_with(EXAMPLES["accept"][0], ("method",), 1))
+    assert error.path == "content.method"
+    other = decode(_with(EXAMPLES["accept"][0], ("method",), "org.example.other"))
+    assert isinstance(other, KeyVerificationAccept)
+    assert other.method == "org.example.other"  # kept; the SAS code refuses it
 
 
 def test_start_unknown_method_is_plain_start() -> None:
