@@ -388,6 +388,14 @@ async def test_concurrent_attempts_all_cancelled_and_error_cap(
         assert a.outbox.cancels("f0") == ["m.user"]
         assert a.outbox.cancels("f1") == ["m.user"]
         assert a.manager.state_of("f1") is None  # never became a transaction
+        # Right after, the device's new attempts are refused too (cooldown); later ones are not.
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "f2", clock))
+        await eventually(lambda: a.outbox.cancels("f2") == ["m.user"])
+        assert a.manager.state_of("f2") is None
+        clock.advance(6)
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "f3", clock))
+        await eventually(lambda: a.manager.state_of("f3") is State.READY)
+        assert await a.manager.cancel("f3")
         # A flood of unknown-transaction events: replies capped at 3 per minute per device.
         before = len(a.outbox.cancels())
         for i in range(20):

@@ -362,6 +362,9 @@ class VerificationPolicy:
     key_query_timeout: float = 15.0
     max_error_replies: int = 5
     error_window: float = 60.0
+    attempt_cooldown: float = 5.0
+    """Seconds after a device's concurrent attempts were cancelled during which its new
+    attempts are refused too (so a burst of requests ends with all of them cancelled)."""
 
     def allows(self, user_id: str) -> bool:
         """Whether ``user_id`` may verify the bot."""
@@ -455,6 +458,7 @@ class VerificationManager:
         self._queries: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._raw_starts: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._cooldown: OrderedDict[Party, float] = OrderedDict()
         self._timer_task: asyncio.Task[None] | None = None
         self._closed = False
         m = self.metrics
@@ -991,8 +995,16 @@ class VerificationManager:
             log.info("refusing verification %s from %s: not allowed", txn, event.sender)
             await self._feed(probe, Input.LOCAL_CANCEL, ctx)
             return False
+        cooling = self._cooldown.get(peer)
+        if cooling is not None and self.clock() < cooling:
+            log.info("verification %s: %s %s is flooding; refusing", txn, *peer)
+            await self._feed(probe, Input.CONCURRENT_ATTEMPT, ctx)
+            return False
         others = self._attempts.begin(peer, txn)
         if others:
+            self._cooldown[peer] = self.clock() + self.policy.attempt_cooldown
+            while len(self._cooldown) > _RAW_STARTS_KEPT:
+                self._cooldown.popitem(last=False)
             log.warning(
                 "verification %s: %s %s has other attempts %s: cancelling all",
                 txn,
@@ -1009,6 +1021,10 @@ class VerificationManager:
             await self._feed(probe, Input.CONCURRENT_ATTEMPT, ctx)
             return False
         ed = await self._ensure_keys(peer.user_id, peer.device_id)
+        if txn not in self._attempts.live(peer):
+            # Cancelled while held: another attempt from the same device came meanwhile.
+            await self._feed(probe, Input.CONCURRENT_ATTEMPT, ctx)
+            return False
         if ed is None:
             log.warning(
                 "verification %s: keys of %s %s unknown; refusing",
