@@ -57,6 +57,7 @@ from nio import (
     AsyncClientConfig,
     JoinResponse,
     KeysUploadResponse,
+    LocalProtocolError,
     LoginResponse,
     SyncResponse,
 )
@@ -682,10 +683,14 @@ class Bot:
         """What ``sync_forever`` does between syncs, plus joining invites."""
         if client.outgoing_to_device_messages:
             await client.send_to_device_messages()
+        # LocalProtocolError: another task (room_send, the verification manager) took the
+        # query or the claim first.
         if client.should_query_keys:
-            await client.keys_query()
+            with contextlib.suppress(LocalProtocolError):
+                await client.keys_query()
         if client.should_claim_keys:
-            await client.keys_claim(client.get_users_for_key_claiming())
+            with contextlib.suppress(LocalProtocolError):
+                await client.keys_claim(client.get_users_for_key_claiming())
         for room_id, info in resp.rooms.invite.items():
             await self._maybe_join(client, room_id, info)
 
