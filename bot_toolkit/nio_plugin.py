@@ -43,6 +43,19 @@ nio 0.26 hook points (all instance attributes, restored by :meth:`NioPlugin.deta
 * ``client.olm.handle_key_verification(event)`` (only with ``intercept_verification=True``):
   replaced by a no-op, so nio neither creates its own ``Sas`` on a start nor answers key events.
 
+Decode failures: an event that fails to decode is logged (once per distinct error) and counted in
+``nio_decode_errors_total``. Consumers that must react to it have two public hooks:
+
+* :meth:`NioPlugin.add_decode_error_listener`: ``listener(raw, error, decrypted_from)`` is called
+  synchronously, in wire order, for every to-device event (plaintext or decrypted payload) that
+  fails to decode; :meth:`NioPlugin.add_decoded_listener` is its counterpart for decoded events
+  and gives ``listener(event, raw)`` the raw event as received (e.g. to keep fields the typed
+  event drops). Both are called before the event enters the dispatcher.
+* ``dispatch_undecodable=True``: the plugin dispatches an
+  :class:`~bot_toolkit.undecodable.UndecodableEvent` in place of each such event, at the position
+  and with the ordering key the decoded event would have had (counted as source
+  ``undecodable``).
+
 The olm hooks follow ``client.olm`` when nio creates it later (``login``, ``load_store``).
 nio's parser drops a to-device event with an empty ``content`` (or an ``m.room.encrypted`` one
 with an algorithm other than Olm) and leaves ``None`` in its place; the plugin then takes the
@@ -58,7 +71,7 @@ import copy
 import json
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -70,8 +83,11 @@ from bot_toolkit._types import DeviceId, UserId
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
 from bot_toolkit.metrics import Metrics
+from bot_toolkit.undecodable import UndecodableEvent, undecodable_from
 
 __all__ = [
+    "DecodeErrorListener",
+    "DecodedListener",
     "DeviceKeys",
     "EncryptionNotReady",
     "NioPlugin",
@@ -96,6 +112,16 @@ _KNOWN_TYPES: Final = frozenset(
 
 _MARK: Final = "_bot_toolkit_plugin"
 """Attribute on our client wrapper naming its plugin (finds a plugin already attached)."""
+
+
+DecodeErrorListener = Callable[[Mapping[str, Any], DecodeError, "str | None"], None]
+"""``listener(raw, error, decrypted_from)``: a to-device event failed to decode. ``raw`` is the
+event as received (for a decrypted payload: ``type``, ``sender`` and a copy of ``content``);
+``decrypted_from`` is the Olm sender key of a decrypted payload, else ``None``. Do not modify
+``raw``; copy what you keep."""
+
+DecodedListener = Callable[[ToDeviceEvent, Mapping[str, Any]], None]
+"""``listener(event, raw)``: ``event`` was decoded from ``raw`` (same conventions as above)."""
 
 
 class EncryptionNotReady(RuntimeError):
@@ -178,6 +204,7 @@ def attach(
     intercept_verification: bool = False,
     backpressure_timeout: float = 10.0,
     metrics: Metrics | None = None,
+    dispatch_undecodable: bool = False,
 ) -> NioPlugin:
     """Feed every to-device event ``client`` receives into ``dispatcher``; see the module doc.
 
@@ -186,6 +213,8 @@ def attach(
             when bot_toolkit runs verification; nio's ``start_key_verification`` flows stop too).
         backpressure_timeout: the longest one sync waits for room in a full dispatcher.
         metrics: where to count (default: the dispatcher's registry).
+        dispatch_undecodable: dispatch an :class:`~bot_toolkit.undecodable.UndecodableEvent`
+            for each event that fails to decode (also settable later on the plugin).
 
     Raises:
         TypeError: ``client`` is not a ``nio.AsyncClient``.
@@ -204,6 +233,7 @@ def attach(
         intercept_verification=intercept_verification,
         backpressure_timeout=backpressure_timeout,
         metrics=metrics,
+        dispatch_undecodable=dispatch_undecodable,
     )
 
 
@@ -249,17 +279,22 @@ class NioPlugin:
         intercept_verification: bool,
         backpressure_timeout: float,
         metrics: Metrics | None,
+        dispatch_undecodable: bool = False,
     ) -> None:
         self.client = client
         self.dispatcher = dispatcher
         self.intercept_verification = intercept_verification
         self.backpressure_timeout = backpressure_timeout
+        self.dispatch_undecodable = dispatch_undecodable
+        """Whether an :class:`UndecodableEvent` is dispatched for each event failing to decode."""
+        self._error_listeners: list[DecodeErrorListener] = []
+        self._decoded_listeners: list[DecodedListener] = []
         self.metrics = metrics or getattr(dispatcher, "metrics", None) or Metrics()
         m = self.metrics
         self._m_events = m.counter(
             "nio_to_device_total",
             "To-device events the nio plugin handed to the dispatcher",
-            ["source"],  # plaintext, decrypted, undecrypted
+            ["source"],  # plaintext, decrypted, undecrypted, undecodable
         )
         self._m_dropped = m.counter(
             "nio_to_device_dropped_total",
@@ -305,6 +340,25 @@ class NioPlugin:
             patch.undo()
         self._patches.clear()
         self._olm = None
+
+    # ----------------------------------------------------------------- decode hooks
+
+    def add_decode_error_listener(self, listener: DecodeErrorListener) -> Callable[[], None]:
+        """Call ``listener(raw, error, decrypted_from)`` for each event that fails to decode.
+
+        Called synchronously inside nio's processing, in wire order, before the event's
+        :class:`UndecodableEvent` (if dispatched) enters the dispatcher. An exception from the
+        listener is logged and counted (``nio_plugin_errors_total{where="listener"}``), nothing
+        more. Returns a function that removes the listener.
+        """
+        return _subscribe(self._error_listeners, listener)
+
+    def add_decoded_listener(self, listener: DecodedListener) -> Callable[[], None]:
+        """Call ``listener(event, raw)`` for each event decoded, before it is dispatched.
+
+        Same guarantees as :meth:`add_decode_error_listener`. Returns a remover.
+        """
+        return _subscribe(self._decoded_listeners, listener)
 
     # ----------------------------------------------------------------- hooking
 
@@ -484,7 +538,11 @@ class NioPlugin:
             event = self._decode(raw, None)
             if event is not None:
                 self._emit(event, "plaintext" if envelope is None else "undecrypted")
-                if envelope is not None and not envelope.rejected:
+                if (
+                    envelope is not None
+                    and not envelope.rejected
+                    and not isinstance(event, UndecodableEvent)
+                ):
                     logger.info(
                         "could not decrypt an Olm to-device event from %s; dispatching it "
                         "undecrypted",
@@ -508,25 +566,45 @@ class NioPlugin:
         logger.warning("discarded a decrypted Olm payload from %s: %s", sender, reason)
 
     def _decode(self, raw: dict[str, Any], decrypted_from: str | None) -> ToDeviceEvent | None:
+        """The typed event (or its :class:`UndecodableEvent`); ``None`` when none is dispatched."""
         try:
-            return decode(raw, decrypted_from=decrypted_from)
+            event = decode(raw, decrypted_from=decrypted_from)
         except DecodeError as exc:
-            event_type = exc.event_type or "<unknown>"
-            self._m_decode.inc(event_type if event_type in _KNOWN_TYPES else "other")
-            triple = (event_type[:100], exc.path, exc.reason)
-            seen = self._logged_decode_errors
-            if triple not in seen and len(seen) < _MAX_LOGGED_DECODE_ERRORS:
-                seen.add(triple)
-                logger.warning(
-                    "cannot decode a %s to-device event from %s at %s: %s",
-                    triple[0],
-                    raw.get("sender"),
-                    exc.path or "<event>",
-                    exc.reason,
-                )
-            return None
+            self._decode_failed(raw, exc)
+            for error_listener in tuple(self._error_listeners):
+                try:
+                    error_listener(raw, exc, decrypted_from)
+                except Exception:
+                    self._error("listener")
+            if not self.dispatch_undecodable:
+                return None
+            return undecodable_from(raw, exc, decrypted_from)
+        for listener in tuple(self._decoded_listeners):
+            try:
+                listener(event, raw)
+            except Exception:
+                self._error("listener")
+        return event
+
+    def _decode_failed(self, raw: dict[str, Any], exc: DecodeError) -> None:
+        """Count and (once per distinct error) log a decode failure."""
+        event_type = exc.event_type or "<unknown>"
+        self._m_decode.inc(event_type if event_type in _KNOWN_TYPES else "other")
+        triple = (event_type[:100], exc.path, exc.reason)
+        seen = self._logged_decode_errors
+        if triple not in seen and len(seen) < _MAX_LOGGED_DECODE_ERRORS:
+            seen.add(triple)
+            logger.warning(
+                "cannot decode a %s to-device event from %s at %s: %s",
+                triple[0],
+                raw.get("sender"),
+                exc.path or "<event>",
+                exc.reason,
+            )
 
     def _emit(self, event: ToDeviceEvent, source: str) -> None:
+        if isinstance(event, UndecodableEvent):
+            source = "undecodable"
         self._m_events.inc(source)
         if self._batch is not None:
             self._batch.append(event)
@@ -584,6 +662,16 @@ class NioPlugin:
         self._m_errors.inc(where)
         with contextlib.suppress(Exception):
             logger.exception("bot_toolkit nio plugin failed in %s; nio carries on", where)
+
+
+def _subscribe(listeners: list[Any], listener: Any) -> Callable[[], None]:
+    listeners.append(listener)
+
+    def remove() -> None:
+        with contextlib.suppress(ValueError):
+            listeners.remove(listener)
+
+    return remove
 
 
 def _envelope_of(raw: object) -> _Envelope | None:

@@ -25,6 +25,7 @@ from vodozemac import Sas
 from bot_toolkit import nio_plugin
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import (
+    DecodeError,
     Dummy,
     ForwardedRoomKey,
     KeyVerificationCancel,
@@ -45,6 +46,7 @@ from bot_toolkit.nio_plugin import (
     device_keys,
     our_identity,
 )
+from bot_toolkit.undecodable import UndecodableEvent
 
 OLM = "m.olm.v1.curve25519-aes-sha2"
 ALICE, BOB = "@alice:example.org", "@bob:example.org"
@@ -266,6 +268,90 @@ async def test_malformed_event_is_counted_and_sync_continues(
     ]
     assert rec.count("nio_decode_errors_total", "m.key.verification.request") == 1
     assert "content.transaction_id" in caplog.text
+
+
+async def test_decode_error_listener_sees_every_failure_in_wire_order(
+    pair: Pair, rec: Recorder
+) -> None:
+    plugin = attach(pair.bob, rec.dispatcher)
+    calls: list[tuple[str, object, str, str | None]] = []
+
+    def on_error(raw: Any, error: DecodeError, decrypted_from: str | None) -> None:
+        calls.append(("error", raw["content"].get("transaction_id"), error.path, decrypted_from))
+
+    def on_decoded(event: ToDeviceEvent, raw: Any) -> None:
+        calls.append(("decoded", raw["content"].get("transaction_id"), "", event.decrypted_from))
+
+    plugin.add_decode_error_listener(on_error)
+    remove = plugin.add_decoded_listener(on_decoded)
+    bad = request("t-bad")
+    bad["content"]["transaction_id"] = 42
+    bad_enc = dict(request("t-enc")["content"], methods="m.sas.v1")
+    await feed(pair.bob, [request("t1"), bad, pair.olm("m.key.verification.request", bad_enc)])
+    remove()
+    remove()  # idempotent
+    await feed(pair.bob, [request("t2")])
+    seen = await rec.drain()
+    assert calls == [
+        ("decoded", "t1", "", None),
+        ("error", 42, "content.transaction_id", None),
+        ("error", "t-enc", "content.methods", curve(pair.alice)),
+    ]
+    # Not dispatched by default: the dispatcher sees the decoded events only.
+    assert [type(e) for e in seen] == [KeyVerificationRequest, KeyVerificationRequest]
+
+
+async def test_undecodable_events_are_dispatched_in_place(pair: Pair) -> None:
+    rec = Recorder(OrderedDispatcher(handler_timeout=5))
+    await rec.dispatcher.start()
+    plugin = attach(pair.bob, rec.dispatcher, dispatch_undecodable=True)
+    plugin.add_decode_error_listener(lambda *_: 1 / 0)  # a failing listener changes nothing
+    bad_key = {
+        "type": "m.key.verification.key",
+        "sender": ALICE,
+        "content": {"transaction_id": "t1"},
+    }
+    bad_enc = dict(request("t1")["content"], timestamp="soon")
+    await feed(
+        pair.bob,
+        [
+            request("t1"),
+            bad_key,
+            pair.olm("m.key.verification.request", bad_enc),
+            {"type": "m.room_key_request", "sender": ALICE, "content": {"transaction_id": "x"}},
+            request("t2"),
+        ],
+    )
+    seen = await rec.drain()
+    assert [type(e) for e in seen] == [
+        KeyVerificationRequest,
+        UndecodableEvent,
+        UndecodableEvent,
+        UndecodableEvent,
+        KeyVerificationRequest,
+    ]
+    key, enc, other = seen[1:4]
+    assert isinstance(key, UndecodableEvent)
+    assert (key.sender, key.event_type_name, key.transaction_id) == (
+        ALICE,
+        "m.key.verification.key",
+        "t1",
+    )
+    assert key.raw_content == {"transaction_id": "t1"}
+    assert key.decrypted_from is None
+    assert key.error.path == "content.key" and key.error.event_type == "m.key.verification.key"
+    assert isinstance(enc, UndecodableEvent)
+    assert (enc.transaction_id, enc.path, enc.decrypted_from) == (
+        "t1",
+        "content.timestamp",
+        curve(pair.alice),
+    )
+    assert enc.raw_content == bad_enc
+    # Only verification types order by transaction id (as their decoded events would).
+    assert isinstance(other, UndecodableEvent) and other.transaction_id is None
+    assert rec.count("nio_to_device_total", "undecodable") == 3
+    assert rec.count("nio_plugin_errors_total", "listener") == 3
+    plugin.dispatch_undecodable = False
 
 
 async def test_event_nio_cannot_parse_is_recovered_from_the_body(pair: Pair, rec: Recorder) -> None:

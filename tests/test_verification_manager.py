@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot_toolkit.events import ToDeviceEvent, decode
 from bot_toolkit.store import Store
+from bot_toolkit.undecodable import UndecodableEvent
 from bot_toolkit.verification import (
     RESTART_REASON,
     MalformedVerificationEvent,
@@ -19,6 +22,7 @@ from bot_toolkit.verification import (
     VerificationDone,
     VerificationPolicy,
     VerificationRequested,
+    compute_commitment,
 )
 from bot_toolkit.verification.table import Party
 from tests.verification_helpers import (
@@ -568,3 +572,66 @@ async def test_restart_cancels_unexpired(tmp_path: Path, clock: FakeClock) -> No
             await close_sides(restarted)
     finally:
         await store.close()
+
+
+class FakePlugin:
+    """The decode hooks of :class:`~bot_toolkit.nio_plugin.NioPlugin` that the manager uses."""
+
+    def __init__(self) -> None:
+        self.dispatch_undecodable = False
+        self.decoded: list[Callable[[ToDeviceEvent, Mapping[str, Any]], None]] = []
+
+    def add_decoded_listener(
+        self, listener: Callable[[ToDeviceEvent, Mapping[str, Any]], None]
+    ) -> Callable[[], None]:
+        self.decoded.append(listener)
+        return lambda: self.decoded.remove(listener)
+
+    def feed(self, side: Side, sender: str, event_type: str, content: dict[str, Any]) -> None:
+        """What the plugin does for a decoded event: listeners first, then the dispatcher."""
+        raw = {"type": event_type, "sender": sender, "content": content}
+        event = decode(raw)
+        for listener in list(self.decoded):
+            listener(event, raw)
+        side.dispatcher.put_nowait(event)
+
+
+async def test_watch_commits_to_the_raw_start(clock: FakeClock) -> None:
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    plugin = FakePlugin()
+    a.manager.watch(plugin)  # type: ignore[arg-type]
+    assert plugin.dispatch_undecodable and len(plugin.decoded) == 1
+    try:
+        txn = "raw1"
+        bob = SasSession(
+            transaction_id=txn,
+            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+            we_started=True,
+        )
+        raw_start = dict(bob.start_content(), **{"org.example.extra": [1, {"x": None}]})
+        plugin.feed(a, b.user_id, "m.key.verification.start", raw_start)
+        await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
+        commitment = a.outbox.of_type("accept", txn)[0][3]["commitment"]
+        bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
+        plugin.feed(a, b.user_id, "m.key.verification.key", bob.our_key_event_content())
+        await eventually(lambda: len(a.outbox.of_type("key", txn)) == 1)
+        their_key = a.outbox.of_type("key", txn)[0][3]["key"]
+        # The commitment covers the field the typed event dropped.
+        assert commitment == compute_commitment(their_key, raw_start)
+        assert commitment != compute_commitment(their_key, bob.start_content())
+        # An undecodable event of another type is not the manager's business.
+        a.dispatcher.put_nowait(
+            UndecodableEvent(
+                sender=b.user_id, event_type_name="m.room_key_request", reason="broken"
+            )
+        )
+        await settle(a)
+        assert a.manager.state_of(txn) is State.LEGACY_MAC_SENT  # start-first flow, confirmed
+        assert a.outbox.cancels(txn) == []
+    finally:
+        await close_sides(a, b)
+    assert plugin.decoded == []  # close() unsubscribed

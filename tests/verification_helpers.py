@@ -36,7 +36,6 @@ from bot_toolkit.verification import (
     VerificationManager,
     VerificationPolicy,
     VerificationRequested,
-    watch_malformed,
 )
 
 # --------------------------------------------------------------------------------- unit fakes
@@ -291,7 +290,7 @@ async def running_bot(
     outbox = Outbox(transport, store, metrics, dispatcher=dispatcher)
     policy = policy or VerificationPolicy(allowed_users=["@*:*"], confirm=auto_confirm())
     manager = VerificationManager(client, dispatcher, outbox, policy, metrics, store=store)
-    watch_malformed(plugin, manager)
+    manager.watch(plugin)
     lifecycle: list[object] = []
 
     async def record(event: object) -> None:

@@ -20,9 +20,11 @@ Rules that live here rather than in the table (the table decides every cancel co
   request is refused with ``m.user`` and logged;
 * a cancel is never answered; cancels caused by inbound events are capped per peer device
   (:class:`~bot_toolkit.verification.table.ErrorReplyLimiter`);
-* a malformed verification event cannot become a typed event; :func:`watch_malformed` makes the
-  nio plugin hand such events over as :class:`MalformedVerificationEvent` so that a known
-  transaction is cancelled with ``m.invalid_message``.
+* a malformed verification event cannot become a typed event; :meth:`VerificationManager.watch`
+  makes the nio plugin dispatch such events as
+  :class:`~bot_toolkit.undecodable.UndecodableEvent` (in wire order) so that a known transaction
+  is cancelled with ``m.invalid_message``, and hands the manager each start's raw content (the
+  SAS commitment covers every field the peer sent, also those the typed event drops).
 
 Restart: the ephemeral SAS keys are never persisted, so a transaction cannot survive a restart.
 Each live transaction's (txn, peer user, peer device, deadline) is kept in the store; on
@@ -44,13 +46,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fnmatch
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import msgspec
 
@@ -71,6 +75,7 @@ from ..events import (
 )
 from ..http_api import VerificationInfo
 from ..metrics import Metrics
+from ..undecodable import UndecodableEvent
 from .lifecycle import (
     SasPrompt,
     SasReady,
@@ -120,6 +125,9 @@ from .table import (
     request_prompt_lapse,
     transition,
 )
+
+if TYPE_CHECKING:
+    from ..nio_plugin import NioPlugin
 
 __all__ = [
     "RESTART_REASON",
@@ -191,18 +199,14 @@ _LOCK_STRIPES: Final = 64
 _RAW_STARTS_KEPT: Final = 1024
 
 
-class MalformedVerificationEvent(ToDeviceEvent, frozen=True, kw_only=True):
-    """A ``m.key.verification.*`` event that failed to decode (local, not a wire type).
+class MalformedVerificationEvent(UndecodableEvent, frozen=True, kw_only=True):
+    """Deprecated: a ``m.key.verification.*`` event that failed to decode.
 
-    ``transaction_id`` is the raw ``content.transaction_id`` when it is a string, so the
-    dispatcher orders it with the transaction's other events. ``event_type_name`` is the raw type.
+    The nio plugin now dispatches :class:`~bot_toolkit.undecodable.UndecodableEvent` (see
+    :meth:`VerificationManager.watch`); the manager handles this subclass the same way.
     """
 
     event_type: ClassVar[str] = "bot_toolkit.malformed_verification"
-
-    transaction_id: str | None
-    event_type_name: str
-    reason: str = ""
 
 
 class OutboxLike(Protocol):
@@ -482,7 +486,23 @@ class VerificationManager:
         d.register(KeyVerificationMac, self._on_mac)
         d.register(KeyVerificationDone, self._on_done)
         d.register(KeyVerificationCancel, self._on_cancel)
-        d.register(MalformedVerificationEvent, self._on_malformed)
+        d.register(UndecodableEvent, self._on_malformed)
+        self._unwatch: list[Callable[[], None]] = []
+
+    def watch(self, plugin: NioPlugin) -> None:
+        """Take malformed verification events and raw start contents from the nio plugin.
+
+        Turns on the plugin's ``dispatch_undecodable`` (a malformed ``m.key.verification.*``
+        event of a known transaction cancels it with ``m.invalid_message``) and subscribes to
+        decoded starts to keep their raw content. Undone by :meth:`close`.
+        """
+        plugin.dispatch_undecodable = True
+        self._unwatch.append(plugin.add_decoded_listener(self._decoded))
+
+    def _decoded(self, event: ToDeviceEvent, raw: Mapping[str, Any]) -> None:
+        content = raw.get("content")
+        if isinstance(event, KeyVerificationStart) and isinstance(content, Mapping):
+            self.remember_raw_start(event.sender, copy.deepcopy(content))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -525,6 +545,9 @@ class VerificationManager:
     async def close(self) -> None:
         """Stop the timer and the confirmation tasks. Live transactions stay persisted."""
         self._closed = True
+        for unwatch in self._unwatch:
+            unwatch()
+        self._unwatch.clear()
         tasks = list(self._tasks)
         if self._timer_task is not None:
             tasks.append(self._timer_task)
@@ -1127,7 +1150,7 @@ class VerificationManager:
         return decoded
 
     def remember_raw_start(self, sender: str, content: Mapping[str, Any]) -> None:
-        """Keep a start's raw content (see :func:`watch_malformed`), bounded."""
+        """Keep a start's raw content (see :meth:`watch`), bounded."""
         txn = content.get("transaction_id")
         if not isinstance(txn, str):
             return
@@ -1286,9 +1309,11 @@ class VerificationManager:
                 t, inp, event, cancel_code=code[:255], cancel_reason=reason[:255]
             )
 
-    async def _on_malformed(self, event: MalformedVerificationEvent) -> None:
-        txn = TransactionId(event.transaction_id or "")
+    async def _on_malformed(self, event: UndecodableEvent) -> None:
         name = event.event_type_name
+        if not name.startswith(_VERIFICATION_PREFIX):
+            return
+        txn = TransactionId(event.transaction_id or "")
         if name == KeyVerificationCancel.event_type:
             await self._cancel_received(event, str(CancelCode.USER), "malformed cancel")
             return
@@ -1308,6 +1333,8 @@ class VerificationManager:
             log.info("verification %s: malformed %s from %s", txn, name, event.sender)
             await self._feed_event(t, inp, event)
 
+
+_VERIFICATION_PREFIX: Final = "m.key.verification."
 
 _NEW_MALFORMED: Final[dict[str, Input]] = {
     "m.key.verification.request": Input.MALFORMED,
@@ -1339,43 +1366,11 @@ def _new_transaction_id() -> str:
     return secrets.token_urlsafe(24)
 
 
-def watch_malformed(plugin: Any, manager: VerificationManager) -> None:
-    """Make a :class:`~bot_toolkit.nio_plugin.NioPlugin` hand over malformed verification events.
-
-    The plugin counts and drops events that fail to decode. This wraps its decode step (an
-    instance attribute, undone by ``del plugin._decode``): a ``m.key.verification.*`` event whose
-    content has a string ``transaction_id`` comes out as a :class:`MalformedVerificationEvent`
-    in wire order, so the manager can cancel a known transaction with ``m.invalid_message``. It
-    also remembers the raw content of each start, so the SAS commitment covers every field the
-    peer sent. (A public hook in ``nio_plugin`` would be cleaner; see the report.)
-    """
-    original = plugin._decode
-
-    def decode(raw: dict[str, Any], decrypted_from: str | None) -> ToDeviceEvent | None:
-        event: ToDeviceEvent | None = original(raw, decrypted_from)
-        try:
-            event_type = raw.get("type")
-            content = raw.get("content")
-            sender = raw.get("sender")
-            if not (
-                isinstance(event_type, str)
-                and event_type.startswith("m.key.verification.")
-                and isinstance(content, dict)
-                and isinstance(sender, str)
-            ):
-                return event
-            if event is None:
-                txn = content.get("transaction_id")
-                return MalformedVerificationEvent(
-                    sender=sender,
-                    decrypted_from=decrypted_from,
-                    transaction_id=txn if isinstance(txn, str) else None,
-                    event_type_name=event_type,
-                )
-            if isinstance(event, KeyVerificationStart):
-                manager.remember_raw_start(sender, content)
-        except Exception:
-            log.exception("malformed-event hook failed")
-        return event
-
-    plugin._decode = decode
+def watch_malformed(plugin: NioPlugin, manager: VerificationManager) -> None:
+    """Deprecated: use :meth:`VerificationManager.watch` (``manager.watch(plugin)``)."""
+    warnings.warn(
+        "watch_malformed(plugin, manager) is deprecated; use manager.watch(plugin)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    manager.watch(plugin)
