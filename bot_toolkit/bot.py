@@ -632,7 +632,12 @@ class Bot:
                 self.metrics,
                 store=self.store,
             )
-            watch_malformed(self.plugin, manager)
+            # Malformed verification events reach the manager (newer API first).
+            watch = getattr(manager, "watch", None)
+            if callable(watch):
+                watch(self.plugin)
+            else:
+                watch_malformed(self.plugin, manager)
             self.manager = manager
             if cfg.verification.post_sas_in_dm:
                 dispatcher.register(SasReady, self._post_sas)

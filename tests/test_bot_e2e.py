@@ -24,6 +24,7 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from nio import AsyncClient, AsyncClientConfig
@@ -101,6 +102,30 @@ async def _stop(run: BotRun) -> None:
     assert rc == 0, log[-3000:]
     assert took < FLUSH_DEADLINE + 5, took
     assert "shutdown: outbox flushed (queue depth 0)" in log, log[-3000:]
+
+
+async def _dm_text(synapse: LocalSynapse, token: str, peer_user: str) -> str:
+    """The bot's latest message in its room with ``peer_user`` (read with the bot's token)."""
+    rooms = await asyncio.to_thread(
+        synapse.request, "GET", "/_matrix/client/v3/joined_rooms", token=token
+    )
+    for room_id in rooms["joined_rooms"]:
+        room = quote(room_id, safe="")
+        members = await asyncio.to_thread(
+            synapse.request, "GET", f"/_matrix/client/v3/rooms/{room}/members", token=token
+        )
+        if peer_user not in {m["state_key"] for m in members["chunk"]}:
+            continue
+        messages = await asyncio.to_thread(
+            synapse.request,
+            "GET",
+            f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10",
+            token=token,
+        )
+        for event in messages["chunk"]:
+            if event["type"] == "m.room.message":
+                return str(event["content"]["body"])
+    raise AssertionError(f"no direct room with {peer_user}")
 
 
 def _nio_store_says_verified(
@@ -205,6 +230,7 @@ async def test_run_verify_stop_restart(
             confirm="auto",
             allowed_users=allowed,
             flush_deadline=FLUSH_DEADLINE,
+            post_sas_in_dm=True,
         )
         run = BotRun(config, port, tmp_path / "run2.log", env).start()
         runs.append(run)
@@ -225,13 +251,19 @@ async def test_run_verify_stop_restart(
         ]
         await peer.wait_phase(txn, "ready", timeout=T)
         await peer.start_sas(txn, timeout=T)
-        await peer.wait_sas(txn, timeout=T)
+        sas = (await peer.wait_sas(txn, timeout=T))["sas"]
         await peer.confirm_sas(txn, timeout=T)
         await peer.wait_phase(txn, "done", timeout=T)
         status = await peer.device_status(bot_user.user_id, bot_device)
         assert status["verified"] and status["locally_verified"], status
         text = await _metrics_until(run, "bot_toolkit_verifications_total", 1, outcome="done")
         assert metric(text, "bot_toolkit_admin_actions_total", action="confirm") == 0
+        # post_sas_in_dm: the SAS went to the peer user in a direct room.
+        text = await _metrics_until(run, "bot_toolkit_sas_dm_posts_total", 1, result="sent")
+        body = await _dm_text(synapse, again["access_token"], str(peer.user_id))
+        for e, name in sas["emoji"]:
+            assert f"{e} {name}" in body, body
+        assert " ".join(map(str, sas["decimal"])) in body, body
         await _stop(run)
 
         # ---- the trust is on disk
