@@ -667,6 +667,8 @@ class Bot:
                         )
                     raise _Transient(f"sync answered {errcode or resp}")
                 self._m_syncs.inc()
+                if self._attempt:
+                    log.info("homeserver reachable again after %d failed attempts", self._attempt)
                 self._attempt = 0
                 self.state.synced()
                 if first:

@@ -359,3 +359,27 @@ async def test_bad_password_is_fatal_with_one_line(synapse: LocalSynapse, tmp_pa
         assert wrong not in log
     finally:
         run.kill()
+
+
+def test_unusable_data_dir_is_fatal_with_one_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    port = free_port()
+    config = write_config(
+        tmp_path / "bot.toml",
+        homeserver="http://127.0.0.1:9",
+        user_id="@bot:localhost",
+        data_dir=not_a_dir,
+        port=port,
+        admin_token=new_admin_token(),
+    )
+    run = BotRun(config, port, tmp_path / "run.log", {"BOT_TOOLKIT_PASSWORD": "pw-1234"}).start()
+    try:
+        assert run.proc is not None
+        assert run.proc.wait(30) == 1, run.log()
+        last = run.log().strip().splitlines()[-1]
+        assert last.startswith("bot-toolkit: fatal: run: BotError: storage.data_dir: cannot use"), (
+            last
+        )
+    finally:
+        run.kill()
