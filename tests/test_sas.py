@@ -33,24 +33,30 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bot_toolkit._types import DeviceId, UserId
 from bot_toolkit.verification import sas as sas_mod
-from bot_toolkit.verification.sas import (
+from bot_toolkit.verification.errors import (
+    CommitmentMismatchError,
+    InvalidSasMessageError,
+    KeyMismatchError,
+    SasError,
+    SasStateError,
+    UnknownMethodError,
+)
+from bot_toolkit.verification.negotiation import (
     MAC_LEGACY,
     MAC_V2,
     OUR_SAS_OFFER,
-    CommitmentMismatchError,
-    Emoji,
-    InvalidSasMessageError,
-    KeyMismatchError,
     SasAgreement,
-    SasError,
     SasOffer,
-    SasSession,
-    SasStateError,
-    UnknownMethodError,
     agreement_from_accept,
-    canonical_json,
     check_accept,
     common_verification_methods,
+    negotiate_start,
+    offer_from_start,
+)
+from bot_toolkit.verification.sas import (
+    Emoji,
+    SasSession,
+    canonical_json,
     compute_commitment,
     decimals_from_bytes,
     emoji_for,
@@ -58,8 +64,6 @@ from bot_toolkit.verification.sas import (
     emoji_table,
     key_id_list,
     mac_info,
-    negotiate_start,
-    offer_from_start,
     sas_info,
     unpadded_b64,
     verify_commitment,

@@ -20,11 +20,17 @@ from hypothesis import strategies as st
 
 from bot_toolkit._types import DeviceId, TransactionId, UserId
 from bot_toolkit.verification import table as tbl
+from bot_toolkit.verification.policy import (
+    AttemptTracker,
+    ErrorReplyLimiter,
+    TransactionTimers,
+    accepted_notice_targets,
+    request_is_fresh,
+    request_prompt_lapse,
+)
 from bot_toolkit.verification.table import (
     Action,
-    AttemptTracker,
     CancelCode,
-    ErrorReplyLimiter,
     Ignore,
     Input,
     MarkVerified,
@@ -44,11 +50,7 @@ from bot_toolkit.verification.table import (
     ShowSas,
     StartRace,
     State,
-    TransactionTimers,
-    accepted_notice_targets,
     classify_start,
-    request_is_fresh,
-    request_prompt_lapse,
     start_race,
     transition,
 )

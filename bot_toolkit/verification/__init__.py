@@ -1,17 +1,36 @@
 """Element-compatible to-device key verification (SAS).
 
-* :mod:`.table`: the state machine as one transition table, plus pure policy helpers (no I/O).
+Pure parts (no I/O):
+
+* :mod:`.table`: the state machine as one transition table (states, inputs, actions).
+* :mod:`.policy`: :class:`VerificationPolicy` and the cross-transaction rules (request age,
+  timers, error-reply cap, concurrent attempts, ``m.accepted`` targets).
+* :mod:`.negotiation`: method names; what a start offers and an accept chooses.
 * :mod:`.sas`: SAS maths on vodozemac (commitment, SAS emoji/decimals, MACs), one
-  :class:`SasSession` per transaction.
-* :mod:`.manager`: :class:`VerificationManager`, the I/O around both (dispatcher handlers,
-  outbox, nio trust store, timers, restart cancels, admin controller).
+  :class:`SasSession` per transaction; :mod:`.errors`: the peer errors with their cancel codes.
+
+The I/O around them:
+
+* :mod:`.manager`: :class:`VerificationManager` (dispatcher handlers -> table -> actions: outbox,
+  nio trust store, admin controller); :meth:`VerificationManager.watch` connects the nio plugin.
+* :mod:`.transactions`: the per-transaction records, their timers and locks.
+* :mod:`.peer_keys`: peer device/master keys (:class:`NioKeySource`) and held requests.
+* :mod:`.persistence`: the restart-cancel table in the store.
 * :mod:`.lifecycle`: the lifecycle events the manager puts into the dispatcher.
 
-The public names of both are re-exported here.
+The public names are re-exported here.
 """
 
 from __future__ import annotations
 
+from .errors import (
+    CommitmentMismatchError,
+    InvalidSasMessageError,
+    KeyMismatchError,
+    SasError,
+    SasStateError,
+    UnknownMethodError,
+)
 from .lifecycle import (
     SasPrompt,
     SasReady,
@@ -20,16 +39,12 @@ from .lifecycle import (
     VerificationRequested,
 )
 from .manager import (
-    RESTART_REASON,
-    KeySource,
     MalformedVerificationEvent,
-    NioKeySource,
     OutboxLike,
     VerificationManager,
-    VerificationPolicy,
     watch_malformed,
 )
-from .sas import (
+from .negotiation import (
     HASH_SHA256,
     KEY_AGREEMENT_V2,
     MAC_LEGACY,
@@ -39,20 +54,34 @@ from .sas import (
     SAS_DECIMAL,
     SAS_EMOJI,
     SUPPORTED_METHODS,
-    CommitmentMismatchError,
-    Emoji,
-    InvalidSasMessageError,
-    KeyMismatchError,
     SasAgreement,
-    SasError,
     SasOffer,
-    SasSession,
-    SasStateError,
-    UnknownMethodError,
     agreement_from_accept,
-    canonical_json,
     check_accept,
     common_verification_methods,
+    negotiate_start,
+    offer_from_start,
+)
+from .peer_keys import KeySource, NioKeySource
+from .persistence import RESTART_REASON
+from .policy import (
+    REQUEST_MAX_AGE,
+    REQUEST_MAX_FUTURE,
+    REQUEST_PROMPT_AFTER_RECEIPT,
+    TRANSACTION_IDLE_TIMEOUT,
+    VERIFICATION_TIMEOUT,
+    AttemptTracker,
+    ErrorReplyLimiter,
+    TransactionTimers,
+    VerificationPolicy,
+    accepted_notice_targets,
+    request_is_fresh,
+    request_prompt_lapse,
+)
+from .sas import (
+    Emoji,
+    SasSession,
+    canonical_json,
     compute_commitment,
     decimals_from_bytes,
     emoji_for,
@@ -60,8 +89,6 @@ from .sas import (
     emoji_table,
     key_id_list,
     mac_info,
-    negotiate_start,
-    offer_from_start,
     sas_info,
     unpadded_b64,
     verify_commitment,
@@ -71,17 +98,10 @@ from .table import (
     EVENT_INPUTS,
     LOCAL_STEPS,
     OUT_OF_SEQUENCE,
-    REQUEST_MAX_AGE,
-    REQUEST_MAX_FUTURE,
-    REQUEST_PROMPT_AFTER_RECEIPT,
     TERMINAL_STATES,
-    TRANSACTION_IDLE_TIMEOUT,
     TRANSITIONS,
-    VERIFICATION_TIMEOUT,
     Action,
-    AttemptTracker,
     CancelCode,
-    ErrorReplyLimiter,
     Ignore,
     Input,
     MarkVerified,
@@ -101,12 +121,8 @@ from .table import (
     ShowSas,
     StartRace,
     State,
-    TransactionTimers,
-    accepted_notice_targets,
     check_complete,
     classify_start,
-    request_is_fresh,
-    request_prompt_lapse,
     start_race,
     transition,
 )

@@ -9,9 +9,11 @@ transaction: it is created with the session, never replaced, and the Diffie-Hell
 most once. Nothing secret (the private key, the shared secret) is reachable from Python at all: it
 stays inside vodozemac. Nothing here logs keys or MACs.
 
-Errors that a peer causes are :class:`SasError` subclasses; each carries the cancel code to send
-and the :class:`~bot_toolkit.verification.table.Input` to feed the transition table (which makes
-the final decision). Misuse by the caller raises :class:`SasStateError`.
+Errors that a peer causes are :class:`~bot_toolkit.verification.errors.SasError` subclasses;
+each carries the cancel code to send and the :class:`~bot_toolkit.verification.table.Input` to feed
+the transition table (which makes the final decision). Misuse by the caller raises
+:class:`~bot_toolkit.verification.errors.SasStateError`. Which methods a transaction uses is
+decided by :mod:`bot_toolkit.verification.negotiation`.
 """
 
 from __future__ import annotations
@@ -24,38 +26,37 @@ import hmac
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any, ClassVar, Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import vodozemac
 
-from .table import CancelCode, Input, Party
+from .errors import (
+    CommitmentMismatchError,
+    InvalidSasMessageError,
+    KeyMismatchError,
+    SasError,
+    SasStateError,
+    UnknownMethodError,
+)
+from .negotiation import (
+    MAC_LEGACY,
+    MAC_V2,
+    METHOD_SAS,
+    OUR_SAS_OFFER,
+    SasAgreement,
+    agreement_from_accept,
+    check_accept,
+    negotiate_start,
+    offer_from_start,
+    str_field,
+)
+from .table import Party
 
 __all__ = [
-    "HASH_SHA256",
-    "KEY_AGREEMENT_V2",
-    "MAC_LEGACY",
-    "MAC_V2",
-    "METHOD_SAS",
-    "OUR_SAS_OFFER",
-    "SAS_DECIMAL",
-    "SAS_EMOJI",
-    "SUPPORTED_METHODS",
-    "CommitmentMismatchError",
     "Emoji",
-    "InvalidSasMessageError",
-    "KeyMismatchError",
-    "SasAgreement",
-    "SasError",
-    "SasOffer",
     "SasSession",
-    "SasStateError",
-    "UnknownMethodError",
-    "agreement_from_accept",
     "canonical_json",
-    "check_accept",
-    "common_verification_methods",
     "compute_commitment",
     "decimals_from_bytes",
     "emoji_for",
@@ -63,150 +64,12 @@ __all__ = [
     "emoji_table",
     "key_id_list",
     "mac_info",
-    "negotiate_start",
-    "offer_from_start",
     "sas_info",
     "unpadded_b64",
     "verify_commitment",
 ]
 
 log = logging.getLogger("bot_toolkit.verification.sas")
-
-# --------------------------------------------------------------------------------------------
-# Method names and negotiation.
-
-METHOD_SAS: Final = "m.sas.v1"
-KEY_AGREEMENT_V2: Final = "curve25519-hkdf-sha256"
-HASH_SHA256: Final = "sha256"
-MAC_V2: Final = "hkdf-hmac-sha256.v2"
-MAC_LEGACY: Final = "hkdf-hmac-sha256"
-SAS_DECIMAL: Final = "decimal"
-SAS_EMOJI: Final = "emoji"
-
-SUPPORTED_METHODS: Final = (METHOD_SAS,)
-"""Verification methods we advertise in request/ready (no QR code support)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SasOffer:
-    """The lists an ``m.sas.v1`` start offers."""
-
-    key_agreement_protocols: tuple[str, ...]
-    hashes: tuple[str, ...]
-    message_authentication_codes: tuple[str, ...]
-    short_authentication_string: tuple[str, ...]
-
-
-OUR_SAS_OFFER: Final = SasOffer(
-    key_agreement_protocols=(KEY_AGREEMENT_V2,),
-    hashes=(HASH_SHA256,),
-    # "Must include at least hkdf-hmac-sha256.v2. Should also include hkdf-hmac-sha256".
-    message_authentication_codes=(MAC_V2, MAC_LEGACY),
-    # "Must include at least decimal. Optionally can include emoji."
-    short_authentication_string=(SAS_DECIMAL, SAS_EMOJI),
-)
-"""What our start offers."""
-
-
-@dataclass(frozen=True, slots=True)
-class SasAgreement:
-    """What an accept settles on."""
-
-    key_agreement_protocol: str
-    hash: str
-    message_authentication_code: str
-    short_authentication_string: tuple[str, ...]
-
-
-def common_verification_methods(theirs: Iterable[str]) -> tuple[str, ...]:
-    """The methods for our ready: those of their request that we support, in our order."""
-    offered = set(theirs)
-    return tuple(m for m in SUPPORTED_METHODS if m in offered)
-
-
-def negotiate_start(offer: SasOffer) -> SasAgreement | None:
-    """Choose what to accept from their start, or ``None`` (cancel with ``m.unknown_method``).
-
-    Key agreement ``curve25519-hkdf-sha256`` only (the deprecated ``curve25519`` is not
-    implemented, as the spec advises); hash ``sha256``; MAC ``hkdf-hmac-sha256.v2`` when offered,
-    else the deprecated ``hkdf-hmac-sha256`` (the spec forbids it only when both sides support
-    v2); SAS methods: those of ``decimal`` and ``emoji`` that they offer, in that order.
-
-    The start schema says the offer "must include" ``decimal`` (and MAC v2): that binds the
-    *sender*. The receiver cancels with ``m.unknown_method`` when the devices "are unable to agree"
-    on a method, so an emoji-only start is accepted (matrix-rust-sdk does the same).
-    """
-    if KEY_AGREEMENT_V2 not in offer.key_agreement_protocols:
-        return None
-    if HASH_SHA256 not in offer.hashes:
-        return None
-    mac = next((m for m in (MAC_V2, MAC_LEGACY) if m in offer.message_authentication_codes), None)
-    if mac is None:
-        return None
-    theirs = set(offer.short_authentication_string)
-    sas = tuple(m for m in OUR_SAS_OFFER.short_authentication_string if m in theirs)
-    if not sas:
-        return None
-    return SasAgreement(KEY_AGREEMENT_V2, HASH_SHA256, mac, sas)
-
-
-def check_accept(agreement: SasAgreement, offer: SasOffer = OUR_SAS_OFFER) -> bool:
-    """Whether an accept of our start chose only what we offered (else ``m.unknown_method``).
-
-    Its SAS list must be a non-empty subset of ours ("must be a subset of the options in the
-    start"). Choosing the legacy MAC is allowed: a peer that does so does not support v2.
-    """
-    return (
-        agreement.key_agreement_protocol in offer.key_agreement_protocols
-        and agreement.hash in offer.hashes
-        and agreement.message_authentication_code in offer.message_authentication_codes
-        and bool(agreement.short_authentication_string)
-        and set(agreement.short_authentication_string) <= set(offer.short_authentication_string)
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Errors.
-
-
-class SasError(Exception):
-    """A peer's message failed an SAS check. ``code``: the cancel code; ``input``: table input."""
-
-    code: ClassVar[CancelCode]
-    input: ClassVar[Input]
-
-
-class UnknownMethodError(SasError):
-    """No common key agreement, hash, MAC or SAS method, or a choice we did not offer."""
-
-    code = CancelCode.UNKNOWN_METHOD
-    input = Input.UNKNOWN_METHOD
-
-
-class CommitmentMismatchError(SasError):
-    """Their key does not match the commitment of their accept."""
-
-    code = CancelCode.MISMATCHED_COMMITMENT
-    input = Input.COMMITMENT_MISMATCH
-
-
-class KeyMismatchError(SasError):
-    """Their MAC message does not verify."""
-
-    code = CancelCode.KEY_MISMATCH
-    input = Input.MAC_MISMATCH
-
-
-class InvalidSasMessageError(SasError):
-    """A field has the wrong type, or their key is not a usable Curve25519 public key."""
-
-    code = CancelCode.INVALID_MESSAGE
-    input = Input.MALFORMED
-
-
-class SasStateError(RuntimeError):
-    """The caller used a :class:`SasSession` out of order (a bug, not a peer's fault)."""
-
 
 # --------------------------------------------------------------------------------------------
 # Encodings, commitment, HKDF info strings.
@@ -327,46 +190,6 @@ def emoji_for(indices: Sequence[int]) -> tuple[Emoji, ...]:
     """Map emoji indices to ``(emoji, description)`` pairs."""
     table = emoji_table()
     return tuple(table[i] for i in indices)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading peer content (defensively: the manager may pass raw wire dicts).
-
-
-def _str_field(content: Mapping[str, Any], name: str) -> str:
-    value = content.get(name)
-    if not isinstance(value, str):
-        raise InvalidSasMessageError(f"{name} must be a string")
-    return value
-
-
-def _str_list(content: Mapping[str, Any], name: str) -> tuple[str, ...]:
-    value = content.get(name)
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise InvalidSasMessageError(f"{name} must be a list of strings")
-    return tuple(value)
-
-
-def offer_from_start(content: Mapping[str, Any]) -> SasOffer:
-    """The offer of an ``m.sas.v1`` start content; another method raises UnknownMethodError."""
-    if content.get("method") != METHOD_SAS:
-        raise UnknownMethodError("start method is not m.sas.v1")
-    return SasOffer(
-        key_agreement_protocols=_str_list(content, "key_agreement_protocols"),
-        hashes=_str_list(content, "hashes"),
-        message_authentication_codes=_str_list(content, "message_authentication_codes"),
-        short_authentication_string=_str_list(content, "short_authentication_string"),
-    )
-
-
-def agreement_from_accept(content: Mapping[str, Any]) -> SasAgreement:
-    """The choices of an accept content (not yet checked against our offer)."""
-    return SasAgreement(
-        key_agreement_protocol=_str_field(content, "key_agreement_protocol"),
-        hash=_str_field(content, "hash"),
-        message_authentication_code=_str_field(content, "message_authentication_code"),
-        short_authentication_string=_str_list(content, "short_authentication_string"),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +367,7 @@ class SasSession:
             if accept_content.get("method", METHOD_SAS) != METHOD_SAS:
                 raise UnknownMethodError("accept method is not m.sas.v1")
             agreement = agreement_from_accept(accept_content)
-            commitment = _str_field(accept_content, "commitment")
+            commitment = str_field(accept_content, "commitment")
             if not check_accept(agreement):
                 raise UnknownMethodError("the accept chose something we did not offer")
         except SasError:

@@ -1,0 +1,389 @@
+"""Runs one transaction's transitions: feeds an input to the table and performs the actions.
+
+:class:`Engine` is the only caller of :func:`~bot_toolkit.verification.table.transition`. For each
+action of the outcome it sends through the outbox (cancels capped per peer device by the
+:class:`~bot_toolkit.verification.policy.ErrorReplyLimiter` when an inbound event caused them),
+runs the SAS maths of the transaction's :class:`~bot_toolkit.verification.sas.SasSession`,
+writes the trust store, asks the policy's ``confirm`` callback, and puts the lifecycle events into
+the dispatcher. A :class:`~bot_toolkit.verification.errors.SasError` raised by an action is fed
+back as its input. Transactions that begin are registered and persisted; those that end are
+recorded in the metrics and forgotten by the restart table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+from .._types import DeviceId, TransactionId, UserId
+from ..dispatcher import Dispatcher, DispatcherClosed
+from ..events import (
+    KeyVerificationAccept,
+    KeyVerificationCancel,
+    KeyVerificationDone,
+    KeyVerificationKey,
+    KeyVerificationMac,
+    KeyVerificationReady,
+    KeyVerificationRequest,
+    KeyVerificationStart,
+)
+from ..metrics import Metrics
+from .errors import SasError
+from .lifecycle import (
+    SasPrompt,
+    SasReady,
+    VerificationCancelled,
+    VerificationDone,
+    VerificationRequested,
+)
+from .negotiation import METHOD_SAS, SAS_DECIMAL, SAS_EMOJI, SUPPORTED_METHODS
+from .peer_keys import KeySource
+from .persistence import InflightStore
+from .policy import (
+    VERIFICATION_TIMEOUT,
+    AttemptTracker,
+    ConfirmCallback,
+    ErrorReplyLimiter,
+    VerificationPolicy,
+    accepted_notice_targets,
+)
+from .sas import SasSession
+from .table import (
+    TERMINAL_STATES,
+    CancelCode,
+    Ignore,
+    Input,
+    MarkVerified,
+    NotifyOthers,
+    Party,
+    RejectLocal,
+    ReplyCancel,
+    SendAccept,
+    SendCancel,
+    SendDone,
+    SendKey,
+    SendMac,
+    SendReady,
+    SendRequest,
+    SendStart,
+    ShowSas,
+    State,
+    transition,
+)
+from .transactions import Ctx, Transactions, Txn
+
+__all__ = ["REASONS", "Engine", "OutboxLike"]
+
+log = logging.getLogger("bot_toolkit.verification.manager")
+
+REASONS: Final[dict[str, str]] = {
+    CancelCode.USER: "cancelled by the user",
+    CancelCode.TIMEOUT: "the verification timed out",
+    CancelCode.UNKNOWN_TRANSACTION: "unknown transaction",
+    CancelCode.UNKNOWN_METHOD: "unknown or unsupported method",
+    CancelCode.UNEXPECTED_MESSAGE: "unexpected message",
+    CancelCode.KEY_MISMATCH: "key mismatch",
+    CancelCode.USER_MISMATCH: "user mismatch",
+    CancelCode.INVALID_MESSAGE: "invalid message",
+    CancelCode.ACCEPTED: "the request was accepted on another device",
+    CancelCode.MISMATCHED_COMMITMENT: "mismatched commitment",
+    CancelCode.MISMATCHED_SAS: "mismatched short authentication string",
+}
+
+"""The ``reason`` sent with each cancel code."""
+
+
+class OutboxLike(Protocol):
+    """What the manager needs of the :class:`~bot_toolkit.outbox.Outbox`."""
+
+    async def send(
+        self, event_type: str, messages: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    ) -> list[str]: ...
+
+
+class Engine:
+    """Transitions and their actions for the manager; see the module docs."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        dispatcher: Dispatcher,
+        outbox: OutboxLike,
+        keys: KeySource,
+        policy: VerificationPolicy,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        txns: Transactions,
+        inflight: InflightStore,
+        attempts: AttemptTracker,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.outbox = outbox
+        self.keys = keys
+        self.policy = policy
+        self.clock = clock
+        self._txns = txns
+        self._inflight = inflight
+        self._attempts = attempts
+        self._limiter = ErrorReplyLimiter(
+            limit=max(1, policy.max_error_replies), window=policy.error_window, clock=clock
+        )
+        self.tasks: set[asyncio.Task[Any]] = set()
+        """Running confirmation callbacks (cancelled by the manager's ``close``)."""
+        self._m_total = metrics.counter(
+            "verifications_total", "Verifications finished", ["outcome", "code"]
+        )
+        self.m_cancels = metrics.counter(
+            "verification_cancels_sent_total", "m.key.verification.cancel messages sent", ["code"]
+        )
+        self._m_dropped = metrics.counter(
+            "verification_lifecycle_dropped_total",
+            "Lifecycle events a full dispatcher refused",
+            ["event"],
+        )
+
+    def us(self) -> Party:
+        """Our user and device."""
+        user, device, _ = self.keys.own()
+        return Party(user, device)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def emit(self, event: object) -> None:
+        try:
+            ok = self.dispatcher.put_nowait(event)
+        except DispatcherClosed:
+            ok = False
+        if not ok:
+            self._m_dropped.inc(type(event).__name__)
+            log.warning(
+                "dropped lifecycle event %s of %s",
+                type(event).__name__,
+                getattr(event, "transaction_id", None),
+            )
+
+    async def send(
+        self, event_type: str, user: str, devices: Iterable[str], content: dict[str, Any]
+    ) -> None:
+        targets = {d: content for d in devices}
+        if not targets:
+            return
+        await self.outbox.send(event_type, {user: targets})
+
+    async def send_cancel(
+        self, txn: str, user: str, devices: Sequence[str], code: CancelCode, *, limited: bool
+    ) -> bool:
+        if limited:
+            devices = [d for d in devices if self._limiter.allow(Party(UserId(user), DeviceId(d)))]
+            if not devices:
+                log.info(
+                    "cancel %s for %s not sent: error reply cap reached for %s", code, txn, user
+                )
+                return False
+        content = {"transaction_id": txn, "code": str(code), "reason": REASONS.get(code, "")}
+        await self.send(KeyVerificationCancel.event_type, user, devices, content)
+        self.m_cancels.inc(str(code), amount=len(devices))
+        log.info("sent cancel %s for verification %s to %s %s", code, txn, user, list(devices))
+        return True
+
+    async def feed(self, t: Txn, inp: Input, ctx: Ctx) -> bool:
+        """Run one transition and its actions. False when the table refused a local step."""
+        before = t.state
+        outcome = transition(t.state, inp)
+        t.state = outcome.next_state
+        log.debug("verification %s: %s --%s--> %s", t.txn, before.value, inp.value, t.state.value)
+        if before is State.NEW and t.state is not State.NEW:
+            await self._begin(t)
+        if t.state is State.CANCELLED and inp is Input.CANCEL:
+            t.cancelled_by_us = False
+            t.cancel_code = ctx.cancel_code or str(CancelCode.USER)
+            t.cancel_reason = ctx.cancel_reason
+        elif t.state is State.CANCELLED and before is not State.CANCELLED:
+            t.cancel_code = str(_implied_code(inp))
+            t.cancel_reason = REASONS.get(t.cancel_code, "")
+        self._txns.touch(t.txn)
+        refused = False
+        follow_up: Input | None = None
+        for action in outcome.actions:
+            try:
+                result = await self._perform(t, action, ctx)
+            except SasError as exc:
+                follow_up = exc.input
+                break
+            if result is False:
+                refused = True
+        if before not in TERMINAL_STATES and t.state in TERMINAL_STATES:
+            await self._end(t)
+        if follow_up is not None and t.state not in TERMINAL_STATES:
+            await self.feed(t, follow_up, ctx)
+        return not refused
+
+    async def _begin(self, t: Txn) -> None:
+        self._txns.begin(t)
+        # The overall deadline: what a restart must honour (the request lapse is shorter).
+        deadline = self.clock() + VERIFICATION_TIMEOUT
+        devices = (t.peer_device,) if t.peer_device is not None else t.recipients
+        await self._inflight.add(t.txn, t.peer_user, devices, deadline)
+        self.emit(
+            VerificationRequested(t.txn, t.peer_user, t.peer_device, incoming=not t.initiated_by_us)
+        )
+
+    async def _end(self, t: Txn) -> None:
+        self._txns.finish(t.txn)
+        self._attempts.end(t.txn)
+        result: VerificationDone | VerificationCancelled
+        if t.state is State.DONE:
+            assert t.peer_device is not None
+            verified = t.sas.verified_keys if t.sas is not None else ()
+            result = VerificationDone(t.txn, t.peer_user, t.peer_device, verified)
+            self._m_total.inc("done", "")
+            log.info("verification %s with %s %s done", t.txn, t.peer_user, t.peer_device)
+        else:
+            code = t.cancel_code or str(CancelCode.USER)
+            result = VerificationCancelled(
+                t.txn, t.peer_user, t.peer_device, code, t.cancel_reason, t.cancelled_by_us
+            )
+            self._m_total.inc("cancelled", code)
+            log.info(
+                "verification %s with %s cancelled (%s, by %s)",
+                t.txn,
+                t.peer_user,
+                code,
+                "us" if t.cancelled_by_us else "them",
+            )
+        if t.finished is not None and not t.finished.done():
+            t.finished.set_result(result)
+        self.emit(result)
+        await self._inflight.remove(t.txn)
+
+    async def _perform(self, t: Txn, action: object, ctx: Ctx) -> bool | None:
+        txn = t.txn
+        if isinstance(action, SendRequest):
+            us = self.us()
+            content = {
+                "from_device": us.device_id,
+                "methods": list(SUPPORTED_METHODS),
+                "timestamp": int(self.clock() * 1000),
+                "transaction_id": txn,
+            }
+            await self.send(KeyVerificationRequest.event_type, t.peer_user, t.recipients, content)
+        elif isinstance(action, SendReady):
+            assert t.peer_device is not None
+            self._txns.timers.clear_lapse(txn)
+            content = {
+                "from_device": self.us().device_id,
+                "methods": list(SUPPORTED_METHODS),
+                "transaction_id": txn,
+            }
+            await self.send(KeyVerificationReady.event_type, t.peer_user, [t.peer_device], content)
+        elif isinstance(action, SendStart):
+            sas = self._sas(t, we_started=True)
+            t.our_start_method = METHOD_SAS
+            await self._to_peer(t, KeyVerificationStart.event_type, sas.start_content())
+        elif isinstance(action, SendAccept):
+            sas = self._sas(t, we_started=False)
+            assert t.their_start is not None
+            content = sas.accept(t.their_start)  # SasError: fed by _feed
+            await self._to_peer(t, KeyVerificationAccept.event_type, content)
+        elif isinstance(action, SendKey):
+            assert t.sas is not None
+            await self._to_peer(t, KeyVerificationKey.event_type, t.sas.our_key_event_content())
+        elif isinstance(action, ShowSas):
+            self._show_sas(t)
+        elif isinstance(action, SendMac):
+            assert t.sas is not None
+            _user, device, ed = self.keys.own()
+            content = t.sas.mac_content({f"ed25519:{device}": ed})
+            await self._to_peer(t, KeyVerificationMac.event_type, content)
+        elif isinstance(action, MarkVerified):
+            assert t.peer_device is not None
+            ok = await self.keys.mark_verified(t.peer_user, t.peer_device)
+            if not ok:
+                log.error(
+                    "could not mark %s %s verified: unknown device", t.peer_user, t.peer_device
+                )
+        elif isinstance(action, SendDone):
+            await self._to_peer(t, KeyVerificationDone.event_type, {"transaction_id": txn})
+        elif isinstance(action, SendCancel):
+            t.cancel_code = str(action.code)
+            t.cancel_reason = REASONS.get(action.code, "")
+            t.cancelled_by_us = True
+            devices: Sequence[str]
+            devices = [t.peer_device] if t.peer_device is not None else list(t.recipients)
+            await self.send_cancel(txn, t.peer_user, devices, action.code, limited=ctx.inbound)
+        elif isinstance(action, ReplyCancel):
+            if ctx.sender is None:
+                return None
+            device = ctx.sender_device or DeviceId("*")
+            await self.send_cancel(txn, ctx.sender, [device], action.code, limited=ctx.inbound)
+        elif isinstance(action, NotifyOthers):
+            answered = t.peer_device or ctx.sender_device
+            if answered is None or answered == "*":
+                # We cannot tell which recipient answered (a plaintext cancel names no device):
+                # notify nobody rather than risk answering the canceller.
+                log.info("verification %s: answering device unknown; no %s sent", txn, action.code)
+                return None
+            others = accepted_notice_targets(t.recipients, answered)
+            if others:
+                await self.send_cancel(txn, t.peer_user, others, action.code, limited=False)
+        elif isinstance(action, Ignore):
+            log.debug("verification %s: ignored (%s)", txn, action.reason)
+        elif isinstance(action, RejectLocal):
+            log.info("verification %s: local step refused (%s)", txn, action.reason)
+            return False
+        return None
+
+    def _sas(self, t: Txn, *, we_started: bool) -> SasSession:
+        if t.sas is None:
+            assert t.peer_device is not None
+            t.sas = SasSession(
+                transaction_id=t.txn,
+                us=self.us(),
+                them=Party(t.peer_user, t.peer_device),
+                we_started=we_started,
+            )
+        return t.sas
+
+    async def _to_peer(self, t: Txn, event_type: str, content: dict[str, Any]) -> None:
+        assert t.peer_device is not None
+        await self.send(event_type, t.peer_user, [t.peer_device], content)
+
+    def _show_sas(self, t: Txn) -> None:
+        assert t.sas is not None and t.sas.agreement is not None and t.peer_device is not None
+        methods = t.sas.agreement.short_authentication_string
+        t.emoji = (
+            tuple((e.emoji, e.description) for e in t.sas.emoji()) if SAS_EMOJI in methods else ()
+        )
+        t.decimals = t.sas.decimals() if SAS_DECIMAL in methods else None
+        self.emit(SasReady(t.txn, t.peer_user, t.peer_device, t.emoji, t.decimals))
+        confirm = self.policy.confirm
+        if confirm is None:
+            log.info("verification %s: SAS shown, waiting for the operator", t.txn)
+            return
+        prompt = SasPrompt(t.txn, t.peer_user, t.peer_device, t.emoji, t.decimals)
+        self.spawn(self._ask(confirm, prompt), f"confirm {t.txn}")
+
+    async def _ask(self, confirm: ConfirmCallback, prompt: SasPrompt) -> None:
+        try:
+            ok = await confirm(prompt)
+            inp = Input.LOCAL_CONFIRM if ok else Input.LOCAL_MISMATCH
+        except Exception:
+            log.exception("verification %s: confirm callback failed", prompt.transaction_id)
+            inp = Input.LOCAL_CANCEL
+        txn = TransactionId(prompt.transaction_id)
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is not None and t.state not in TERMINAL_STATES:
+                await self.feed(t, inp, Ctx())
+
+
+def _implied_code(inp: Input) -> CancelCode:
+    """The code recorded when a transition ends CANCELLED without sending (or before it sends)."""
+    if inp is Input.TIMEOUT:
+        return CancelCode.TIMEOUT
+    return CancelCode.USER

@@ -1,0 +1,470 @@
+"""Inbound verification events: each is classified into one table input and fed to the engine.
+
+:class:`Inbound` holds the dispatcher handlers for the ``m.key.verification.*`` events
+(plaintext and Olm-decrypted ones arrive as the same typed events) and for
+:class:`~bot_toolkit.undecodable.UndecodableEvent`. It decides, from data, what the table cannot:
+the sender is not the peer (``WRONG_USER``) or another of its devices (``OTHER_DEVICE``), an
+identical repeat (``DUPLICATE``), a failed commitment or MAC, a start race; and it applies the
+checks before a transaction exists: request freshness, the allowed users, concurrent attempts
+from one device (with a cooldown) and holding a request until the peer's keys are known.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+
+from .._types import DeviceId, TransactionId, UserId
+from ..events import (
+    KeyVerificationAccept,
+    KeyVerificationCancel,
+    KeyVerificationDone,
+    KeyVerificationKey,
+    KeyVerificationMac,
+    KeyVerificationReady,
+    KeyVerificationRequest,
+    KeyVerificationStart,
+    KeyVerificationStartSas,
+    ToDeviceEvent,
+    encode_content,
+)
+from ..undecodable import UndecodableEvent
+from .engine import Engine
+from .errors import SasError, SasStateError
+from .negotiation import common_verification_methods, negotiate_start, offer_from_start
+from .peer_keys import KeySource, PeerKeys
+from .policy import AttemptTracker, VerificationPolicy, request_is_fresh, request_prompt_lapse
+from .table import TERMINAL_STATES, CancelCode, Input, Party, State, classify_start
+from .transactions import Ctx, Transactions, Txn, fingerprint
+
+__all__ = ["Inbound"]
+
+log = logging.getLogger("bot_toolkit.verification.manager")
+
+_MAC_EXPECTED: Final = frozenset(
+    {State.KEYS_EXCHANGED, State.MAC_SENT, State.LEGACY_KEYS_EXCHANGED, State.LEGACY_MAC_SENT}
+)
+_RAW_STARTS_KEPT: Final = 1024
+
+
+class Inbound:
+    """The manager's event handlers; see the module docs."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        engine: Engine,
+        keys: KeySource,
+        peer_keys: PeerKeys,
+        policy: VerificationPolicy,
+        txns: Transactions,
+        attempts: AttemptTracker,
+    ) -> None:
+        self._engine = engine
+        self.keys = keys
+        self._peer_keys = peer_keys
+        self.policy = policy
+        self.clock = engine.clock
+        self._txns = txns
+        self._attempts = attempts
+        self._raw_starts: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._cooldown: OrderedDict[Party, float] = OrderedDict()
+
+    def register(self, dispatcher: Any) -> None:
+        """Register the handlers with the dispatcher."""
+        d = dispatcher
+        d.register(KeyVerificationRequest, self._on_request)
+        d.register(KeyVerificationReady, self._on_ready)
+        d.register(KeyVerificationStart, self._on_start)
+        d.register(KeyVerificationAccept, self._on_accept)
+        d.register(KeyVerificationKey, self._on_key)
+        d.register(KeyVerificationMac, self._on_mac)
+        d.register(KeyVerificationDone, self._on_done)
+        d.register(KeyVerificationCancel, self._on_cancel)
+        d.register(UndecodableEvent, self._on_malformed)
+
+    def decoded(self, event: ToDeviceEvent, raw: Mapping[str, Any]) -> None:
+        content = raw.get("content")
+        if isinstance(event, KeyVerificationStart) and isinstance(content, Mapping):
+            self.remember_raw_start(event.sender, copy.deepcopy(content))
+
+    def _reply_device(self, event: ToDeviceEvent, t: Txn | None) -> DeviceId:
+        from_device = getattr(event, "from_device", None)
+        if isinstance(from_device, str) and from_device:
+            return DeviceId(from_device)
+        if event.decrypted_from is not None:
+            found = self.keys.device_for_curve(event.sender, event.decrypted_from)
+            if found is not None:
+                return found
+        if t is not None and event.sender == t.peer_user and t.peer_device is not None:
+            return t.peer_device
+        return DeviceId("*")
+
+    def _sender_is_other_device(self, event: ToDeviceEvent, t: Txn) -> bool:
+        """Whether an event from the peer user comes from a device not in the transaction."""
+        devices: tuple[DeviceId, ...]
+        if t.peer_device is not None:
+            devices = (t.peer_device,)
+        elif t.state is State.REQUESTED_OUT:
+            devices = t.recipients
+        else:
+            return False
+        from_device = getattr(event, "from_device", None)
+        if isinstance(from_device, str):
+            return from_device not in devices
+        if event.decrypted_from is not None:
+            found = self.keys.device_for_curve(event.sender, event.decrypted_from)
+            return found is not None and found not in devices
+        return False
+
+    def _ctx(self, event: ToDeviceEvent, t: Txn | None, **kw: Any) -> Ctx:
+        return Ctx(UserId(event.sender), self._reply_device(event, t), inbound=True, **kw)
+
+    async def _new_attempt(self, event: KeyVerificationRequest | KeyVerificationStart) -> bool:
+        """Checks for a request/start with an unknown id: policy, concurrent attempts, keys.
+
+        Returns True when the new transaction may be created (keys known).
+        """
+        txn = TransactionId(event.transaction_id or "")
+        peer = Party(UserId(event.sender), DeviceId(event.from_device))
+        ctx = self._ctx(event, None)
+        probe = Txn(txn, peer.user_id, peer.device_id, False)
+        if peer == self._engine.us():
+            return False
+        if not self.policy.allows(event.sender):
+            log.info("refusing verification %s from %s: not allowed", txn, event.sender)
+            await self._engine.feed(probe, Input.LOCAL_CANCEL, ctx)
+            return False
+        cooling = self._cooldown.get(peer)
+        if cooling is not None and self.clock() < cooling:
+            log.info("verification %s: %s %s is flooding; refusing", txn, *peer)
+            await self._engine.feed(probe, Input.CONCURRENT_ATTEMPT, ctx)
+            return False
+        others = self._attempts.begin(peer, txn)
+        if others:
+            self._cooldown[peer] = self.clock() + self.policy.attempt_cooldown
+            while len(self._cooldown) > _RAW_STARTS_KEPT:
+                self._cooldown.popitem(last=False)
+            log.warning(
+                "verification %s: %s %s has other attempts %s: cancelling all",
+                txn,
+                peer.user_id,
+                peer.device_id,
+                list(others),
+            )
+            for other in others:
+                async with self._txns.lock(other):
+                    o = self._txns.get(other)
+                    if o is not None and o.state not in TERMINAL_STATES:
+                        await self._engine.feed(o, Input.CONCURRENT_ATTEMPT, ctx)
+                    self._attempts.end(other)
+            await self._engine.feed(probe, Input.CONCURRENT_ATTEMPT, ctx)
+            return False
+        ed = await self._peer_keys.ensure(peer.user_id, peer.device_id)
+        if txn not in self._attempts.live(peer):
+            # Cancelled while held: another attempt from the same device came meanwhile.
+            await self._engine.feed(probe, Input.CONCURRENT_ATTEMPT, ctx)
+            return False
+        if ed is None:
+            log.warning(
+                "verification %s: keys of %s %s unknown; refusing",
+                txn,
+                peer.user_id,
+                peer.device_id,
+            )
+            self._attempts.end(txn)
+            await self._engine.feed(probe, Input.LOCAL_CANCEL, ctx)
+            return False
+        return True
+
+    def _classify_common(self, event: ToDeviceEvent, t: Txn) -> Input | None:
+        """WRONG_USER / OTHER_DEVICE / DUPLICATE, or None to go on."""
+        if event.sender != t.peer_user:
+            return Input.WRONG_USER
+        if self._sender_is_other_device(event, t):
+            return Input.OTHER_DEVICE
+        if fingerprint(event) in t.seen:
+            return Input.DUPLICATE
+        return None
+
+    async def _on_request(self, event: KeyVerificationRequest) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        if not request_is_fresh(event.timestamp, self.clock()):
+            log.info("ignoring stale or future verification request %s from %s", txn, event.sender)
+            return
+        if txn not in self._txns:
+            if not await self._new_attempt(event):
+                return
+            async with self._txns.lock(txn):
+                if txn not in self._txns:
+                    await self._create_incoming(event, txn)
+                    return
+        async with self._txns.lock(txn):
+            t = self._txns[txn]
+            inp = self._classify_common(event, t) or Input.REQUEST
+            await self._feed_event(t, inp, event)
+
+    async def _create_incoming(self, event: KeyVerificationRequest, txn: TransactionId) -> None:
+        peer_device = DeviceId(event.from_device)
+        t = Txn(txn, UserId(event.sender), peer_device, False)
+        t.peer_ed25519 = self.keys.device_ed25519(event.sender, peer_device)
+        t.lapse = request_prompt_lapse(event.timestamp, self.clock())
+        t.seen.add(fingerprint(event))
+        ctx = self._ctx(event, t)
+        await self._engine.feed(t, Input.REQUEST, ctx)
+        if not common_verification_methods(event.methods):
+            log.info("verification %s: no common method in %s", txn, list(event.methods))
+            await self._engine.feed(t, Input.LOCAL_CANCEL, ctx)
+            return
+        if self.policy.auto_accept:
+            await self._engine.feed(t, Input.LOCAL_READY, Ctx())
+
+    async def _feed_event(self, t: Txn, inp: Input, event: ToDeviceEvent, **kw: Any) -> None:
+        ctx = self._ctx(event, t, **kw)
+        if inp not in (Input.WRONG_USER, Input.OTHER_DEVICE, Input.DUPLICATE):
+            t.seen.add(fingerprint(event))
+        await self._engine.feed(t, inp, ctx)
+
+    async def _unknown(self, event: ToDeviceEvent, inp: Input) -> None:
+        """An event for a transaction we do not know (the table's NEW row)."""
+        txn = TransactionId(getattr(event, "transaction_id", None) or "")
+        probe = Txn(txn, UserId(event.sender), None, False)
+        await self._engine.feed(probe, inp, self._ctx(event, None))
+
+    async def _on_ready(self, event: KeyVerificationReady) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                await self._unknown(event, Input.READY)
+                return
+            inp = self._classify_common(event, t)
+            if inp is None:
+                if t.state is State.REQUESTED_OUT and not common_verification_methods(
+                    event.methods
+                ):
+                    inp = Input.UNKNOWN_METHOD
+                else:
+                    inp = Input.READY
+            if inp is Input.READY and t.state is State.REQUESTED_OUT:
+                t.peer_device = DeviceId(event.from_device)
+                t.peer_ed25519 = self.keys.device_ed25519(t.peer_user, t.peer_device)
+            await self._feed_event(t, inp, event)
+            if (
+                inp is Input.READY
+                and t.state is State.READY
+                and t.initiated_by_us
+                and self.policy.start_as_requester
+            ):
+                await self._engine.feed(t, Input.LOCAL_START, Ctx())
+
+    def _raw_start(self, event: KeyVerificationStart) -> dict[str, Any]:
+        """The start's content as received (the commitment covers every field)."""
+        decoded = encode_content(event)
+        raw = self._raw_starts.pop((event.sender, event.transaction_id or ""), None)
+        if raw is not None and all(raw.get(k) == v for k, v in _jsonable(decoded).items()):
+            return raw
+        return decoded
+
+    def remember_raw_start(self, sender: str, content: Mapping[str, Any]) -> None:
+        """Keep a start's raw content (see :meth:`watch`), bounded."""
+        txn = content.get("transaction_id")
+        if not isinstance(txn, str):
+            return
+        self._raw_starts[(sender, txn)] = dict(content)
+        while len(self._raw_starts) > _RAW_STARTS_KEPT:
+            self._raw_starts.popitem(last=False)
+
+    async def _on_start(self, event: KeyVerificationStart) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        content = self._raw_start(event)
+        acceptable = False
+        if isinstance(event, KeyVerificationStartSas):
+            try:
+                acceptable = negotiate_start(offer_from_start(content)) is not None
+            except SasError:
+                acceptable = False
+        if txn not in self._txns:
+            if not acceptable:
+                async with self._txns.lock(txn):
+                    await self._unknown(event, Input.UNKNOWN_METHOD)
+                return
+            if not await self._new_attempt(event):
+                return
+            async with self._txns.lock(txn):
+                if txn not in self._txns:
+                    peer_device = DeviceId(event.from_device)
+                    t = Txn(txn, UserId(event.sender), peer_device, False)
+                    t.peer_ed25519 = self.keys.device_ed25519(event.sender, peer_device)
+                    t.their_start = content
+                    t.seen.add(fingerprint(event))
+                    await self._engine.feed(t, Input.START, self._ctx(event, t))
+                    return
+        async with self._txns.lock(txn):
+            t = self._txns[txn]
+            inp = self._classify_common(event, t)
+            if inp is None:
+                if t.peer_device is None:
+                    inp = Input.START  # before any ready: out of sequence
+                else:
+                    inp = classify_start(
+                        t.state,
+                        us=self._engine.us(),
+                        them=Party(t.peer_user, t.peer_device),
+                        their_method=event.method,
+                        our_method=t.our_start_method,
+                        acceptable=acceptable,
+                    )
+            if inp in (Input.START, Input.START_THEY_WIN) and t.state in (
+                State.READY,
+                State.STARTED_OUT,
+            ):
+                t.their_start = content
+                if inp is Input.START_THEY_WIN and t.sas is not None:
+                    t.sas.lose_start_race()
+                    t.our_start_method = None
+            await self._feed_event(t, inp, event)
+
+    async def _on_accept(self, event: KeyVerificationAccept) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                await self._unknown(event, Input.ACCEPT)
+                return
+            inp = self._classify_common(event, t)
+            if inp is None:
+                inp = Input.ACCEPT
+                if t.state is State.STARTED_OUT and t.sas is not None:
+                    try:
+                        t.sas.receive_accept(encode_content(event))
+                    except SasError as exc:
+                        inp = exc.input
+            await self._feed_event(t, inp, event)
+
+    async def _on_key(self, event: KeyVerificationKey) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                await self._unknown(event, Input.KEY)
+                return
+            inp = self._classify_common(event, t)
+            if inp is None:
+                inp = Input.KEY
+                expects_key = t.state in (
+                    State.STARTED_IN,
+                    State.LEGACY_STARTED_IN,
+                    State.ACCEPTED,
+                )
+                if expects_key and t.sas is not None:
+                    try:
+                        t.sas.receive_their_key(event.key)
+                    except SasError as exc:
+                        inp = exc.input
+            await self._feed_event(t, inp, event)
+
+    async def _on_mac(self, event: KeyVerificationMac) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                await self._unknown(event, Input.MAC)
+                return
+            inp = self._classify_common(event, t)
+            if inp is None:
+                inp = Input.MAC
+                if t.state in _MAC_EXPECTED and t.sas is not None:
+                    inp = await self._check_mac(t, event)
+            await self._feed_event(t, inp, event)
+
+    async def _check_mac(self, t: Txn, event: KeyVerificationMac) -> Input:
+        assert t.sas is not None and t.peer_device is not None
+        ed = t.peer_ed25519 or self.keys.device_ed25519(t.peer_user, t.peer_device)
+        if ed is None:
+            return Input.MAC_MISMATCH
+        their_keys = await self._peer_keys.mac_keys(
+            t.txn, t.peer_user, t.peer_device, ed, event.mac
+        )
+        try:
+            t.sas.verify_mac(event.mac, event.keys, their_keys)
+        except SasError as exc:
+            return exc.input
+        except SasStateError:
+            return Input.MALFORMED
+        return Input.MAC
+
+    async def _on_done(self, event: KeyVerificationDone) -> None:
+        txn = TransactionId(event.transaction_id or "")
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                await self._unknown(event, Input.DONE)
+                return
+            inp = self._classify_common(event, t) or Input.DONE
+            await self._feed_event(t, inp, event)
+
+    async def _on_cancel(self, event: KeyVerificationCancel) -> None:
+        await self._cancel_received(event, event.code, event.reason)
+
+    async def _cancel_received(self, event: ToDeviceEvent, code: str, reason: str) -> None:
+        txn = TransactionId(getattr(event, "transaction_id", None) or "")
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                return  # never answered (the table's NEW row ignores it too)
+            if event.sender != t.peer_user or self._sender_is_other_device(event, t):
+                inp = Input.OTHER_DEVICE  # a cancel is never answered, not even a stranger's
+            else:
+                inp = Input.CANCEL
+            log.info("verification %s: %s cancelled with %s", txn, event.sender, code[:64])
+            await self._feed_event(
+                t, inp, event, cancel_code=code[:255], cancel_reason=reason[:255]
+            )
+
+    async def _on_malformed(self, event: UndecodableEvent) -> None:
+        name = event.event_type_name
+        if not name.startswith(_VERIFICATION_PREFIX):
+            return
+        txn = TransactionId(event.transaction_id or "")
+        if name == KeyVerificationCancel.event_type:
+            await self._cancel_received(event, str(CancelCode.USER), "malformed cancel")
+            return
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                inp = _NEW_MALFORMED.get(name)
+                if inp is not None and event.transaction_id is not None:
+                    await self._unknown(event, inp)
+                return
+            if event.sender != t.peer_user:
+                inp = Input.WRONG_USER
+            elif self._sender_is_other_device(event, t):
+                inp = Input.OTHER_DEVICE
+            else:
+                inp = Input.MALFORMED
+            log.info("verification %s: malformed %s from %s", txn, name, event.sender)
+            await self._feed_event(t, inp, event)
+
+
+_VERIFICATION_PREFIX: Final = "m.key.verification."
+
+_NEW_MALFORMED: Final[dict[str, Input]] = {
+    "m.key.verification.request": Input.MALFORMED,
+    "m.key.verification.start": Input.MALFORMED,
+    "m.key.verification.ready": Input.READY,
+    "m.key.verification.accept": Input.ACCEPT,
+    "m.key.verification.key": Input.KEY,
+    "m.key.verification.mac": Input.MAC,
+    "m.key.verification.done": Input.DONE,
+}
+"""A malformed event with an unknown transaction id: the table's NEW row input ("a malformed
+request or start" is MALFORMED; other types are fed as their kind)."""
+
+
+def _jsonable(value: Any) -> Any:
+    return msgspec.json.decode(msgspec.json.encode(value))

@@ -1,0 +1,113 @@
+"""Restart cancels: the live transactions kept in the :class:`~bot_toolkit.store.Store`.
+
+The ephemeral SAS keys are never persisted, so a transaction cannot survive a restart. Each live
+transaction's (txn, peer user, peer device, deadline) is kept in the ``verification_inflight``
+table; on start-up every unexpired one gets ``m.key.verification.cancel`` (``m.user``,
+:data:`RESTART_REASON`) so the peer's UI does not hang; expired ones are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+from .table import CancelCode
+
+__all__ = ["RESTART_REASON", "InflightStore", "StoreLike"]
+
+log = logging.getLogger("bot_toolkit.verification.manager")
+
+RESTART_REASON: Final = "verifier restarted"
+"""The reason of the ``m.user`` cancel sent on start-up for transactions left by a restart."""
+
+_COMPONENT: Final = "verification"
+_MIGRATIONS: Final[dict[int, list[str]]] = {
+    1: [
+        """
+        CREATE TABLE verification_inflight (
+            txn TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            deadline REAL NOT NULL,
+            PRIMARY KEY (txn, user_id, device_id)
+        )
+        """
+    ]
+}
+
+CancelMessages = dict[str, dict[str, dict[str, Any]]]
+"""``{user: {device: cancel content}}``: one to-device send."""
+
+
+class StoreLike(Protocol):
+    """What the manager needs of the :class:`~bot_toolkit.store.Store`."""
+
+    async def migrate(self, component: str, migrations: Mapping[int, Iterable[str]]) -> int: ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+
+class InflightStore:
+    """The ``verification_inflight`` table; every method is a no-op without a store."""
+
+    def __init__(self, store: StoreLike | None) -> None:
+        self.store = store
+
+    async def restart_cancels(self, now: float) -> dict[str, CancelMessages]:
+        """Migrate, then the cancels owed for the unexpired transactions of the last run, by id.
+
+        Expired ones are logged and left out. Call :meth:`clear` once they were sent.
+        """
+        if self.store is None:
+            return {}
+        await self.store.migrate(_COMPONENT, _MIGRATIONS)
+        rows = await self.store.fetchall(
+            "SELECT txn, user_id, device_id, deadline FROM verification_inflight"
+        )
+        by_txn: dict[str, CancelMessages] = {}
+        for txn, user_id, device_id, deadline in rows:
+            if float(deadline) <= now:
+                log.info("dropping expired verification %s left by a restart", txn)
+                continue
+            by_txn.setdefault(str(txn), {}).setdefault(str(user_id), {})[str(device_id)] = {
+                "transaction_id": str(txn),
+                "code": str(CancelCode.USER),
+                "reason": RESTART_REASON,
+            }
+        return by_txn
+
+    async def clear(self) -> None:
+        """Forget every kept transaction."""
+        if self.store is None:
+            return
+        async with self.store.transaction() as conn:
+            await conn.execute("DELETE FROM verification_inflight")
+
+    async def add(self, txn: str, user: str, devices: Sequence[str], deadline: float) -> None:
+        """Keep a live transaction (logged, never raised, on failure)."""
+        if self.store is None:
+            return
+        try:
+            async with self.store.transaction() as conn:
+                for device in devices:
+                    await conn.execute(
+                        "INSERT OR REPLACE INTO verification_inflight "
+                        "(txn, user_id, device_id, deadline) VALUES (?, ?, ?, ?)",
+                        (txn, user, device, deadline),
+                    )
+        except Exception:
+            log.exception("could not persist verification %s", txn)
+
+    async def remove(self, txn: str) -> None:
+        """Forget a finished transaction (logged, never raised, on failure)."""
+        if self.store is None:
+            return
+        try:
+            async with self.store.transaction() as conn:
+                await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
+        except Exception:
+            log.exception("could not forget verification %s", txn)
