@@ -16,10 +16,11 @@ several clients can live in one process) and ``plugin.detach()`` undoes it. Afte
   decryption failed, the ciphertext is not for this device, or the payload failed validation.
   Handlers thus see each wire event once: as its payload, or as a failed envelope.
 
-Payload validation follows the spec ("Validation of incoming decrypted events"): ``sender``
-equals the to-device sender, ``recipient`` is our user id, ``recipient_keys.ed25519`` our key,
-``keys.ed25519`` the sending device's key when that device is in nio's device store, and
-``sender_device_keys``, when present, agrees with the envelope and is self-signed. A payload
+Payload validation follows the spec ("Validation of incoming decrypted events"; the checks are in
+:mod:`bot_toolkit._olm_checks`): ``sender`` equals the to-device sender, ``recipient`` is our
+user id, ``recipient_keys.ed25519`` our key, ``keys.ed25519`` the sending device's key when that
+device is in nio's device store, and ``sender_device_keys``, when present, agrees with the
+envelope and is self-signed. A payload
 that fails is discarded (neither nio nor the dispatcher gets it), logged and counted in
 ``nio_olm_rejected_total``; its envelope is dispatched as a failed one.
 
@@ -79,7 +80,14 @@ from nio import AsyncClient
 from nio.exceptions import VerificationError
 
 from bot_toolkit import events as _events
-from bot_toolkit._types import DeviceId, UserId
+from bot_toolkit._nio_identity import (
+    DeviceKeys,
+    EncryptionNotReady,
+    OwnIdentity,
+    device_keys,
+    our_identity,
+)
+from bot_toolkit._olm_checks import payload_problem
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
 from bot_toolkit.metrics import Metrics
@@ -122,79 +130,6 @@ event as received (for a decrypted payload: ``type``, ``sender`` and a copy of `
 
 DecodedListener = Callable[[ToDeviceEvent, Mapping[str, Any]], None]
 """``listener(event, raw)``: ``event`` was decoded from ``raw`` (same conventions as above)."""
-
-
-class EncryptionNotReady(RuntimeError):
-    """The client has no Olm machine yet (encryption disabled, or before login/``load_store``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class OwnIdentity:
-    """Our own device: ids and public identity keys (unpadded base64)."""
-
-    user_id: UserId
-    device_id: DeviceId
-    ed25519: str
-    curve25519: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceKeys:
-    """A peer device's public identity keys as nio's device store knows them."""
-
-    user_id: UserId
-    device_id: DeviceId
-    ed25519: str
-    curve25519: str
-
-
-def _olm(client: Any) -> Any:
-    olm = getattr(client, "olm", None)
-    if olm is None:
-        raise EncryptionNotReady(
-            "the nio client has no Olm machine: enable encryption and log in (or call "
-            "restore_login/load_store) first"
-        )
-    return olm
-
-
-def our_identity(client: AsyncClient) -> OwnIdentity:
-    """User id, device id and identity keys of the client's own device.
-
-    Raises:
-        EncryptionNotReady: the client has no Olm machine yet.
-    """
-    keys = _olm(client).account.identity_keys
-    return OwnIdentity(
-        UserId(client.user_id), DeviceId(client.device_id), keys["ed25519"], keys["curve25519"]
-    )
-
-
-def _known_device(olm: Any, user_id: str, device_id: str) -> Any:
-    store = olm.device_store
-    if user_id not in store.users:  # store[user] would insert an empty entry
-        return None
-    device = store[user_id].get(device_id)
-    return None if device is None or device.deleted else device
-
-
-def device_keys(client: AsyncClient, user_id: str, device_id: str) -> DeviceKeys | None:
-    """The identity keys of a peer device from nio's device store; ``None`` when unknown.
-
-    Deleted devices count as unknown. The store is filled by key queries (nio runs one for
-    users it shares an encrypted room with; add a user to ``client.users_for_key_query`` and
-    call ``client.keys_query()`` for others).
-
-    Raises:
-        EncryptionNotReady: the client has no Olm machine yet.
-    """
-    device = _known_device(_olm(client), user_id, device_id)
-    if device is None:
-        return None
-    ed25519, curve25519 = device.keys.get("ed25519"), device.keys.get("curve25519")
-    if not (isinstance(ed25519, str) and isinstance(curve25519, str)):
-        return None
-    return DeviceKeys(UserId(user_id), DeviceId(device_id), ed25519, curve25519)
 
 
 def attach(
@@ -554,7 +489,7 @@ class NioPlugin:
     def _check(self, olm: Any, sender: str, sender_key: str | None, payload: Any) -> str | None:
         """Why a decrypted payload must be discarded, or ``None``. Never raises."""
         try:
-            return _payload_problem(olm, sender, sender_key, payload)
+            return payload_problem(olm, sender, sender_key, payload)
         except Exception:
             self._error("validate")
             return "validation error"
@@ -683,52 +618,3 @@ def _envelope_of(raw: object) -> _Envelope | None:
         return None
     sender_key = content.get("sender_key")
     return _Envelope(sender_key if isinstance(sender_key, str) else None)
-
-
-def _payload_problem(olm: Any, sender: str, sender_key: str | None, payload: Any) -> str | None:
-    """The spec checks on a decrypted Olm payload; the failed one, or ``None``."""
-    if not isinstance(payload, dict):
-        return "payload is not an object"
-    if payload.get("sender") != sender:
-        return "sender mismatch"
-    if payload.get("recipient") != olm.user_id:
-        return "recipient mismatch"
-    recipient_keys = payload.get("recipient_keys")
-    ours = olm.account.identity_keys["ed25519"]
-    if not isinstance(recipient_keys, dict) or recipient_keys.get("ed25519") != ours:
-        return "recipient_keys.ed25519 mismatch"
-    keys = payload.get("keys")
-    claimed = keys.get("ed25519") if isinstance(keys, dict) else None
-    if not isinstance(claimed, str):
-        return "keys.ed25519 missing"
-    if sender_key is None:
-        return None
-    store = olm.device_store
-    device = None
-    if sender in store.users:  # device_from_sender_key would insert an empty entry
-        device = store.device_from_sender_key(sender, sender_key)
-    if device is not None and device.keys.get("ed25519") != claimed:
-        return "keys.ed25519 mismatch"
-    sender_device_keys = payload.get("sender_device_keys")
-    if sender_device_keys is not None:
-        return _sender_device_keys_problem(olm, sender, sender_key, claimed, sender_device_keys)
-    return None
-
-
-def _sender_device_keys_problem(
-    olm: Any, sender: str, sender_key: str, claimed: str, sdk: object
-) -> str | None:
-    if not isinstance(sdk, dict) or sdk.get("user_id") != sender:
-        return "sender_device_keys.user_id mismatch"
-    device_id, keys = sdk.get("device_id"), sdk.get("keys")
-    if not isinstance(device_id, str) or not isinstance(keys, dict):
-        return "sender_device_keys malformed"
-    if keys.get(f"curve25519:{device_id}") != sender_key:
-        return "sender_device_keys curve25519 mismatch"
-    if keys.get(f"ed25519:{device_id}") != claimed:
-        return "sender_device_keys ed25519 mismatch"
-    try:
-        signed = bool(olm.verify_json(copy.deepcopy(sdk), claimed, sender, device_id))
-    except Exception:  # malformed key or signature encoding
-        signed = False
-    return None if signed else "sender_device_keys signature invalid"
