@@ -635,3 +635,84 @@ async def test_watch_commits_to_the_raw_start(clock: FakeClock) -> None:
     finally:
         await close_sides(a, b)
     assert plugin.decoded == []  # close() unsubscribed
+
+
+BOB_MASTER = "bWFzdGVyLWtleS1vZi1ib2ItMzItYnl0ZXMtbG9uZw"  # stands in for an ed25519 key
+OTHER_KEY_ID = "ed25519:SOMEOTHERKEY"
+
+
+def _bob_mac(case: str, bob: SasSession, b: Side) -> dict[str, Any]:
+    """Bob's MAC message for each master-key case (see the test below)."""
+    device = {f"ed25519:{b.device_id}": b.keys.ed25519}
+    master = {f"ed25519:{BOB_MASTER}": BOB_MASTER}
+    if case in ("known_master", "unknown_master"):
+        return bob.mac_content({**device, **master})
+    if case == "unknown_key_id":
+        return bob.mac_content({**device, **master, OTHER_KEY_ID: "some-other-key"})
+    if case == "wrong_master_mac":
+        return bob.mac_content({**device, f"ed25519:{BOB_MASTER}": "not-the-master-key"})
+    if case == "id_not_under_key_ids":
+        content = bob.mac_content(device)
+        # An id slipped into the MAC dict after the fact: the KEY_IDS MAC no longer covers it.
+        content["mac"][OTHER_KEY_ID] = content["mac"][f"ed25519:{b.device_id}"]
+        return content
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "knows_master", "verified"),
+    [
+        # The bot knows the master key: the MAC covers the device key and the master key.
+        ("known_master", True, ["ed25519:BOBDEV", f"ed25519:{BOB_MASTER}"]),
+        # No master key known: its MAC is skipped (KEY_IDS still covers its id).
+        ("unknown_master", False, ["ed25519:BOBDEV"]),
+        # An id we know nothing of is skipped; the known ones are verified.
+        ("unknown_key_id", True, ["ed25519:BOBDEV", f"ed25519:{BOB_MASTER}"]),
+        # A wrong MAC for the master key: m.key_mismatch.
+        ("wrong_master_mac", True, None),
+        # An id the KEY_IDS MAC does not cover: m.key_mismatch, even though it is unknown.
+        ("id_not_under_key_ids", True, None),
+    ],
+)
+async def test_mac_master_cross_signing_key(
+    clock: FakeClock, case: str, knows_master: bool, verified: list[str] | None
+) -> None:
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    if knows_master:
+        a.keys.masters[b.user_id] = BOB_MASTER
+    try:
+        txn = f"master-{case}"
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, txn, clock))
+        await eventually(lambda: a.manager.state_of(txn) is State.READY)
+        bob = SasSession(
+            transaction_id=txn,
+            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+            we_started=True,
+        )
+        a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
+        await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
+        bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
+        a.put_raw(b.user_id, "m.key.verification.key", bob.our_key_event_content())
+        await eventually(lambda: len(a.outbox.of_type("mac", txn)) == 1)
+        bob.receive_their_key(a.outbox.of_type("key", txn)[0][3]["key"])
+        mac = _bob_mac(case, bob, b)
+        a.put_raw(b.user_id, "m.key.verification.mac", mac)
+        if verified is None:
+            await eventually(lambda: a.manager.state_of(txn) is State.CANCELLED)
+            assert a.outbox.cancels(txn) == ["m.key_mismatch"]
+            assert not a.keys.verified
+            assert not a.of(VerificationDone)
+            return
+        await eventually(lambda: len(a.outbox.of_type("done", txn)) == 1)
+        a.put_raw(b.user_id, "m.key.verification.done", {"transaction_id": txn})
+        await eventually(lambda: a.manager.state_of(txn) is State.DONE)
+        assert a.outbox.cancels(txn) == []
+        assert (b.user_id, b.device_id) in a.keys.verified
+        (done,) = a.of(VerificationDone)
+        assert sorted(done.verified_keys) == sorted(verified)
+    finally:
+        await close_sides(a, b)
