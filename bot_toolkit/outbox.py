@@ -10,8 +10,10 @@ Delivery guarantees:
 * **Persisted before sent.** A request is committed to the :class:`~bot_toolkit.store.Store`
   before its first attempt and deleted only after the homeserver answered 2xx (or refused it
   permanently). After a crash, :meth:`Outbox.start` sends what is left with the *original*
-  transaction ids, and the homeserver drops the repeats (Synapse remembers a transaction id per
-  device for 30 minutes), so every message arrives once.
+  transaction ids, and the homeserver drops the repeats, so every message arrives once. (Synapse
+  remembers a transaction id per device in memory for at least 30 minutes: a request that was
+  accepted but whose deletion a crash prevented, a window of milliseconds, can still arrive twice
+  if the bot restarts after longer than that, or after Synapse itself restarted.)
 * **Batched writes.** ``send()`` calls that arrive while a commit is running are packed together
   and committed in the next single transaction (group commit); deletions of accepted requests ride
   along in the same commits. Concurrent calls of one event type can share a request, so ``send()``
@@ -170,6 +172,10 @@ class HttpTransport:
     ``session`` is used as given and not closed here; without one, the transport makes its own
     and :meth:`close` closes it. ``timeout`` (seconds, per request) is optional because the
     :class:`Outbox` enforces its own ``request_timeout``.
+
+    aiohttp itself resends an idempotent request (PUT) once, at once, when the server drops the
+    connection; that resend carries the same transaction id, so it is as safe as the outbox's own
+    retries, but only a second failure reaches the outbox (and its retry counter).
     """
 
     def __init__(
@@ -408,6 +414,7 @@ class Outbox:
         self._idle.set()
         self._writer: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._closing: asyncio.Future[None] | None = None
         self._next_seq = 1
         self._not_before = 0.0  # no attempt starts before this clock() value (after a 429)
 
@@ -472,8 +479,16 @@ class Outbox:
         store for the next :meth:`start`. Returns how many were left there. The store and the
         transport stay open (they belong to the caller).
         """
-        if self._state == "closed":
+        if self._closing is not None:  # closed, or another close() is running: wait for it
+            await asyncio.shield(self._closing)
             return len(self._requests)
+        self._closing = asyncio.get_running_loop().create_future()
+        try:
+            return await self._close(deadline)
+        finally:
+            self._closing.set_result(None)
+
+    async def _close(self, deadline: float) -> int:
         if self._state == "new":
             self._state = "closed"
             return 0
@@ -510,7 +525,8 @@ class Outbox:
 
         Returns the transaction ids of the requests that carry them (possibly shared with other
         ``send()`` calls made at the same time). The messages are copied: later changes to the
-        given mapping are not seen.
+        given mapping are not seen. A caller cancelled before the commit started queues nothing;
+        one cancelled during the commit may still have its messages sent.
 
         Raises:
             OutboxClosed: the outbox is not started, or is closing.
@@ -589,17 +605,17 @@ class Outbox:
         subs = [s for s in self._submissions if not s.future.done()]  # drop cancelled callers
         self._submissions = []
         done, self._finished = self._finished, []
-        planned, used_by = _pack([(s.event_type, s.messages) for s in subs], self.batch_size)
-        requests = [
-            _Request(self._next_seq + i, _new_txn_id(), p.event_type, p.messages, p.count)
-            for i, p in enumerate(planned)
-        ]
-        now = time.time()
-        rows = [
-            (r.seq, r.txn_id, r.event_type, msgspec.json.encode(r.messages), r.count, now)
-            for r in requests
-        ]
         try:
+            planned, used_by = _pack([(s.event_type, s.messages) for s in subs], self.batch_size)
+            requests = [
+                _Request(self._next_seq + i, _new_txn_id(), p.event_type, p.messages, p.count)
+                for i, p in enumerate(planned)
+            ]
+            now = time.time()
+            rows = [
+                (r.seq, r.txn_id, r.event_type, msgspec.json.encode(r.messages), r.count, now)
+                for r in requests
+            ]
             async with self._store.transaction() as conn:
                 if rows:
                     await conn.executemany(
@@ -614,8 +630,8 @@ class Outbox:
                     )
         except Exception as exc:
             log.error(
-                "outbox: store write failed (%d requests, %d deletions): %s",
-                len(rows),
+                "outbox: store write failed (%d send() calls, %d deletions): %s",
+                len(subs),
                 len(done),
                 exc,
             )

@@ -14,7 +14,8 @@ the machine itself goes down. Callers that batch their writes (the outbox does) 
 once per batch, so FULL costs little.
 
 The file is created readable by its owner only: it can hold outbound message contents until the
-homeserver has accepted them.
+homeserver has accepted them. For the same reason, keep the ``aiosqlite`` logger above DEBUG in
+production: at DEBUG it logs every statement with its parameters.
 """
 
 from __future__ import annotations

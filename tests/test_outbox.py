@@ -36,7 +36,7 @@ from bot_toolkit.outbox import (
     TransientSendError,
     _pack,
 )
-from bot_toolkit.store import Store
+from bot_toolkit.store import Store, StoreError
 
 Outcome = BaseException | None
 Decide = Callable[[str, str, int], Outcome | Awaitable[Outcome]]
@@ -790,3 +790,54 @@ async def test_outbox_over_http_never_logs_the_token(
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("bot_toolkit"))
     assert "M_FORBIDDEN" in ours
     assert "content" not in ours  # message contents are never logged by bot_toolkit
+
+
+async def test_store_failure_fails_the_send_and_queues_nothing(tmp_path: Path) -> None:
+    store = await Store.open_in(tmp_path)
+    t = FakeTransport()
+    ob = Outbox(t, store, Metrics())
+    await ob.start()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await ob.send("m.dummy", {"@a:x": {"D": {}}})
+    assert ob.queue_depth == 0
+    assert await ob.flush(1)
+    assert t.calls == []
+    await ob.close(deadline=0.1)
+
+
+async def test_close_is_idempotent_and_concurrent_closes_agree(make_outbox: Any) -> None:
+    async def hang(*_: Any) -> Outcome:
+        await asyncio.sleep(60)
+        return None
+
+    ob = await make_outbox(FakeTransport(hang))
+    await ob.send("m.dummy", {"@a:x": {"D": {}}})
+    assert await asyncio.gather(ob.close(deadline=0.05), ob.close(deadline=0.05)) == [1, 1]
+    assert await ob.close() == 1
+
+
+async def test_metric_names_and_labels(make_outbox: Any) -> None:
+    metrics = Metrics()
+    t = FakeTransport(
+        lambda e, _t, n: (
+            PermanentSendError(400, "M_X", "x")
+            if e == "m.bad"
+            else TransientSendError("429", 0.01)
+            if n == 1
+            else None
+        )
+    )
+    ob = await make_outbox(t, metrics=metrics)
+    await ob.send("m.good", {"@a:x": {"D": {}, "E": {}}})
+    await ob.send("m.bad", {"@a:x": {"F": {}}})
+    assert await ob.flush(5)
+    text = metrics.render()
+    for line in [
+        "bot_toolkit_outbox_queue_depth 0",
+        'bot_toolkit_outbox_requests_sent_total{event_type="m.good"} 1',
+        'bot_toolkit_outbox_retries_total{reason="429"} 1',
+        'bot_toolkit_outbox_permanent_failures_total{event_type="m.bad",status="400"} 1',
+        'bot_toolkit_outbox_messages_total{event_type="m.good"} 2',
+    ]:
+        assert line in text.splitlines(), (line, text)

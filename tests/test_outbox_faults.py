@@ -457,3 +457,34 @@ async def test_sigkill_mid_flight_then_restart_delivers_everything_once(
     resent = proxy.txn_ids()[len(first_run_txns) :]
     assert sorted(resent) == sorted(persisted)  # original ids, nothing new
     assert set(first_run_txns) | set(resent) == set(enqueued)
+
+
+# ------------------------------------------------------------------ the benchmark script
+
+
+async def test_fanout_benchmark_smoke(synapse: LocalSynapse) -> None:
+    """The benchmark runs end to end with tiny numbers (no timing asserted)."""
+    script = Path(ROOT) / "benchmarks" / "outbox_fanout.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        "--homeserver",
+        synapse.url,
+        "--users",
+        "3",
+        "--messages",
+        "12",
+        "--batch-size",
+        "2",
+        "--verify",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    # 12 messages over 3 devices = 4 per device; 2 per request -> 6 requests.
+    assert result["http_requests"] == result["requests_accepted"] == 6
+    assert (result["delivered"], result["duplicates"]) == (12, 0)
+    assert result["tracemalloc_peak_mib"] > 0
