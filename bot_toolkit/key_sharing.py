@@ -39,11 +39,9 @@ Receiving (through the :class:`~bot_toolkit.dispatcher.Dispatcher`; attach
 
 Crash safety of ``m.no_olm``: the ledger commits the decision with a transaction id before the
 outbox is called, and marks it after the outbox has stored the notice. :meth:`KeySharing.recover`
-(run by :func:`attach`) sends notices that were decided but never marked. When the outbox's
-``send`` accepts a ``txn_id`` keyword, that id is the wire transaction id and a resend is
-de-duplicated by the homeserver. The current outbox picks its own ids: then a crash in the instant
-between the outbox's commit and the ledger's mark can give that device a second notice (a crash
-anywhere else gives exactly one).
+(run by :func:`attach`) sends notices that were decided but never marked, under the recorded
+transaction id (the outbox's ``send(..., txn_id=...)``), so whichever instant a crash hits, the
+homeserver de-duplicates the resend and the device gets exactly one notice.
 
 nio 0.26 hook points (instance attributes): ``client.share_group_session``,
 ``client.keys_claim``, ``olm.should_share_group_session``, ``olm.get_missing_sessions``,
@@ -56,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -99,7 +96,11 @@ class NoticeOutbox(Protocol):
     """What key sharing needs from the :class:`~bot_toolkit.outbox.Outbox`."""
 
     async def send(
-        self, event_type: str, messages: Mapping[str, Mapping[str, Mapping[str, Any]]]
+        self,
+        event_type: str,
+        messages: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        *,
+        txn_id: str | None = None,
     ) -> list[str]: ...
 
 
@@ -216,7 +217,6 @@ class KeySharing:
         self._throttle = throttle
         self._outbox = outbox
         self._counters = counters
-        self._outbox_takes_txn_id = _accepts_keyword(outbox.send, "txn_id")
         self._m_dummy = metrics.counter(
             "withheld_dummy_total",
             "Answers to received m.no_olm notices (result: sent, throttled, no_device, no_key)",
@@ -645,10 +645,7 @@ class KeySharing:
         messages = {peer.user_id: {peer.device_id: content}}
         self._in_flight.add(txn_id)
         try:
-            if self._outbox_takes_txn_id:
-                await self._outbox.send(WITHHELD_EVENT, messages, txn_id=txn_id)  # type: ignore[call-arg]
-            else:
-                await self._outbox.send(WITHHELD_EVENT, messages)
+            await self._outbox.send(WITHHELD_EVENT, messages, txn_id=txn_id)
         except Exception:
             self._retry_needed = True
             self._in_flight.discard(txn_id)
@@ -764,14 +761,6 @@ class KeySharing:
 
 def _is_no_olm(event: RoomKeyWithheld) -> bool:
     return event.code == WithheldCode.NO_OLM
-
-
-def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:

@@ -315,6 +315,7 @@ class _Request:
     count: int
     blocked: int = 0  # lanes in which an earlier request is still pending
     attempts: int = 0
+    queued_at: float = 0.0  # clock() when admitted (for oldest_pending_age)
 
     def recipients(self) -> list[tuple[str, str]]:
         return [(u, d) for u, devices in self.messages.items() for d in devices]
@@ -325,6 +326,7 @@ class _Submission:
     event_type: str
     messages: dict[str, dict[str, Any]]
     future: asyncio.Future[list[str]]
+    txn_id: str | None = None  # the caller's own id: one request of its own, idempotent
 
 
 def _new_txn_id() -> str:
@@ -425,6 +427,15 @@ class Outbox:
         """Requests not yet accepted or refused (persisted ones included)."""
         return len(self._requests)
 
+    def oldest_pending_age(self) -> float | None:
+        """Seconds the oldest request not yet accepted has been queued (``None`` when empty).
+
+        Requests recovered from the store count from the moment they were loaded.
+        """
+        for req in self._requests.values():  # admission order: the first one is the oldest
+            return max(0.0, self._clock() - req.queued_at)
+        return None
+
     async def start(self) -> int:
         """Create the table if needed, load unsent requests, start sending.
 
@@ -520,7 +531,9 @@ class Outbox:
 
     # -------------------------------------------------------------- sending
 
-    async def send(self, event_type: str, messages: ToDeviceMessages) -> list[str]:
+    async def send(
+        self, event_type: str, messages: ToDeviceMessages, *, txn_id: str | None = None
+    ) -> list[str]:
         """Queue ``messages`` of ``event_type``; returns once they are persisted.
 
         Returns the transaction ids of the requests that carry them (possibly shared with other
@@ -528,9 +541,17 @@ class Outbox:
         given mapping are not seen. A caller cancelled before the commit started queues nothing;
         one cancelled during the commit may still have its messages sent.
 
+        ``txn_id`` lets a caller that records its own transaction id *before* sending (the
+        withheld-notice ledger does) get exactly-once delivery across crashes: the messages go
+        out as one request under that id, never packed with others, and a repeated ``send()``
+        with an id that is still queued adds nothing. After a crash the caller resends with the
+        same id and the homeserver drops the repeat. The messages must then fit one request
+        (at most ``batch_size``).
+
         Raises:
             OutboxClosed: the outbox is not started, or is closing.
-            TypeError, ValueError: the messages are not ``{str: {str: JSON object}}``.
+            TypeError, ValueError: the messages are not ``{str: {str: JSON object}}``, or a
+                ``txn_id`` is empty or its messages exceed ``batch_size``.
             Exception: whatever the store raised; then nothing was queued.
         """
         if self._state != "running":
@@ -543,13 +564,24 @@ class Outbox:
             raise ValueError(f"messages must be {{user: {{device: object}}}}: {exc}") from None
         if not any(snapshot.values()):
             return []
+        if txn_id is not None:
+            if not isinstance(txn_id, str) or not txn_id:
+                raise ValueError("txn_id must be a non-empty string")
+            count = sum(len(devices) for devices in snapshot.values())
+            if count > self.batch_size:
+                raise ValueError(
+                    f"{count} messages do not fit one request of at most {self.batch_size}"
+                )
+            if txn_id in self._requests:
+                return [txn_id]  # already queued: sending it again would add nothing
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._submissions.append(_Submission(event_type, snapshot, future))
+        self._submissions.append(_Submission(event_type, snapshot, future, txn_id))
         self._idle.clear()
         self._wake_writer.set()
         return await future
 
     def _admit(self, req: _Request) -> None:
+        req.queued_at = self._clock()
         self._requests[req.txn_id] = req
         for key in req.recipients():
             lane = self._lanes.get(key)
@@ -606,27 +638,32 @@ class Outbox:
         self._submissions = []
         done, self._finished = self._finished, []
         try:
-            planned, used_by = _pack([(s.event_type, s.messages) for s in subs], self.batch_size)
+            packed = [s for s in subs if s.txn_id is None]
+            planned, used_by = _pack([(s.event_type, s.messages) for s in packed], self.batch_size)
             requests = [
                 _Request(self._next_seq + i, _new_txn_id(), p.event_type, p.messages, p.count)
                 for i, p in enumerate(planned)
             ]
+            own = self._own_id_requests(subs, self._next_seq + len(requests))
+            requests += own
             now = time.time()
             rows = [
                 (r.seq, r.txn_id, r.event_type, msgspec.json.encode(r.messages), r.count, now)
                 for r in requests
             ]
             async with self._store.transaction() as conn:
+                # Deletions first: a caller may resend (with its own txn_id) a request that was
+                # accepted a moment ago and whose row is deleted only in this round.
+                if done:
+                    await conn.executemany(
+                        "DELETE FROM outbox_requests WHERE txn_id = ?", [(t,) for t in done]
+                    )
                 if rows:
                     await conn.executemany(
                         "INSERT INTO outbox_requests "
                         "(seq, txn_id, event_type, messages, message_count, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         rows,
-                    )
-                if done:
-                    await conn.executemany(
-                        "DELETE FROM outbox_requests WHERE txn_id = ?", [(t,) for t in done]
                     )
         except Exception as exc:
             log.error(
@@ -643,12 +680,28 @@ class Outbox:
         self._next_seq += len(requests)
         for r in requests:
             self._admit(r)
-        for s, used in zip(subs, used_by, strict=True):
+        for s, used in zip(packed, used_by, strict=True):
             if not s.future.done():
                 s.future.set_result([requests[i].txn_id for i in used])
+        for s in subs:
+            if s.txn_id is not None and not s.future.done():
+                s.future.set_result([s.txn_id])
         if rows:
             log.debug("outbox: stored %d requests from %d send() calls", len(rows), len(subs))
         return True
+
+    def _own_id_requests(self, subs: Sequence[_Submission], first_seq: int) -> list[_Request]:
+        """One request per caller-chosen transaction id not already queued (first one wins)."""
+        out: list[_Request] = []
+        seen: set[str] = set()
+        for s in subs:
+            txn = s.txn_id
+            if txn is None or txn in seen or txn in self._requests:
+                continue
+            seen.add(txn)
+            count = sum(len(devices) for devices in s.messages.values())
+            out.append(_Request(first_seq + len(out), txn, s.event_type, s.messages, count))
+        return out
 
     # -------------------------------------------------------------- the workers
 

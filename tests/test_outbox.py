@@ -490,6 +490,93 @@ async def test_restart_sends_unsent_requests_with_original_ids(
     assert await rows(store) == []
 
 
+async def test_caller_txn_id_is_one_request_of_its_own_and_idempotent(
+    make_outbox: Any, store: Store
+) -> None:
+    release = asyncio.Event()
+
+    async def held(*_: Any) -> Outcome:
+        await release.wait()
+        return None
+
+    t = FakeTransport(held)
+    ob = await make_outbox(t)
+    mine, other = await asyncio.gather(
+        ob.send("m.room_key.withheld", {"@a:x": {"A": {"code": "m.no_olm"}}}, txn_id="ledger-1"),
+        ob.send("m.room_key.withheld", {"@b:x": {"B": {"code": "m.no_olm"}}}),
+    )
+    assert mine == ["ledger-1"]
+    assert other != ["ledger-1"]  # never packed together with a caller's own id
+    # A repeat while it is still queued adds nothing: not to the store, not to the wire.
+    assert await ob.send(
+        "m.room_key.withheld", {"@a:x": {"A": {"code": "m.no_olm"}}}, txn_id="ledger-1"
+    ) == ["ledger-1"]
+    assert sorted(r[0] for r in await rows(store)) == sorted(["ledger-1", *other])
+    release.set()
+    assert await ob.flush(5)
+    assert t.attempts["ledger-1"] == 1
+    assert [c[2] for c in t.calls if c[1] == "ledger-1"] == [{"@a:x": {"A": {"code": "m.no_olm"}}}]
+
+
+async def test_caller_txn_id_survives_a_restart(make_outbox: Any, store: Store) -> None:
+    async def hang(*_: Any) -> Outcome:
+        await asyncio.sleep(60)
+        return None
+
+    first = await make_outbox(FakeTransport(hang))
+    await first.send("m.dummy", {"@a:x": {"A": {}}}, txn_id="mine-7")
+    assert await first.close(deadline=0.05) == 1
+
+    t = FakeTransport()
+    second = Outbox(t, store, Metrics())
+    assert await second.start() == 1
+    # The caller (after its own crash) sends again with the recorded id: still one request.
+    assert await second.send("m.dummy", {"@a:x": {"A": {}}}, txn_id="mine-7") == ["mine-7"]
+    assert await second.flush(5)
+    await second.close()
+    assert [c[1] for c in t.calls] == ["mine-7"]
+
+
+async def test_caller_txn_id_resent_after_acceptance_reuses_the_id(make_outbox: Any) -> None:
+    t = FakeTransport()
+    ob = await make_outbox(t)
+    for _ in range(2):
+        assert await ob.send("m.dummy", {"@a:x": {"A": {}}}, txn_id="again") == ["again"]
+        assert await ob.flush(5)
+    # The homeserver de-duplicates the second PUT: what matters is that the id is the same.
+    assert [c[1] for c in t.calls] == ["again", "again"]
+
+
+async def test_caller_txn_id_is_validated(make_outbox: Any) -> None:
+    ob = await make_outbox(FakeTransport(), batch_size=2)
+    with pytest.raises(ValueError, match="txn_id"):
+        await ob.send("m.dummy", {"@a:x": {"A": {}}}, txn_id="")
+    with pytest.raises(ValueError, match="do not fit one request"):
+        await ob.send("m.dummy", devices(1, 3), txn_id="too-big")
+
+
+async def test_oldest_pending_age_follows_the_oldest_request(
+    make_outbox: Any, fake_time: FakeTime
+) -> None:
+    release = asyncio.Event()
+
+    async def held(*_: Any) -> Outcome:
+        await release.wait()
+        return None
+
+    fake_time.now = 100.0  # ages are differences, not clock readings
+    ob = await make_outbox(FakeTransport(held))
+    assert ob.oldest_pending_age() is None
+    await ob.send("m.dummy", {"@a:x": {"A": {}}})
+    fake_time.now += 30.0
+    await ob.send("m.dummy", {"@b:x": {"B": {}}})
+    fake_time.now += 12.5
+    assert ob.oldest_pending_age() == 42.5
+    release.set()
+    assert await ob.flush(5)
+    assert ob.oldest_pending_age() is None
+
+
 async def test_shutdown_deadline_leaves_the_rest_persisted(make_outbox: Any, store: Store) -> None:
     accepted = 0
 
