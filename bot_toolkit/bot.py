@@ -44,7 +44,6 @@ import os
 import random
 import secrets
 import signal
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,6 @@ from bot_toolkit.verification import (
     SasReady,
     VerificationManager,
     VerificationPolicy,
-    watch_malformed,
 )
 from bot_toolkit.withheld import ShareWith, SharingPolicy
 
@@ -208,31 +206,6 @@ class _ControllerProxy:
         return await self.manager.cancel(verification_id)
 
 
-class _BacklogAge:
-    """How long the outbox has been non-empty without a break (a proxy for "stuck")."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.outbox: Outbox | None = None
-        self._since: float | None = None
-        self._clock = clock
-
-    def __call__(self) -> float | None:
-        outbox = self.outbox
-        if outbox is None or outbox.queue_depth == 0:
-            self._since = None
-            return None
-        now = self._clock()
-        if self._since is None:
-            self._since = now
-        return now - self._since
-
-    async def watch(self, interval: float = 1.0) -> None:
-        """Sample the depth regularly so the age grows even when nobody asks."""
-        while True:
-            self()
-            await asyncio.sleep(interval)
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
@@ -265,8 +238,6 @@ class Bot:
         self._signals = install_signal_handlers
         self._stopping = asyncio.Event()
         self._controller = _ControllerProxy()
-        self._backlog = _BacklogAge()
-        self.state.outbox_age = self._backlog
         self.client: AsyncClient | None = None
         self.dispatcher: Dispatcher | None = None
         self.plugin: nio_plugin.NioPlugin | None = None
@@ -580,6 +551,7 @@ class Bot:
             confirm=confirm,
             auto_accept=True,
             max_error_replies=max(1, v.max_error_replies),
+            timeout=v.timeout,
         )
 
     async def _build(self) -> None:
@@ -605,7 +577,7 @@ class Bot:
             backoff_max=cfg.outbox.backoff_max,
             dispatcher=dispatcher,
         )
-        self._backlog.outbox = self.outbox
+        self.state.outbox_age = self.outbox.oldest_pending_age
         await dispatcher.start()
         recovered = await self.outbox.start()
         if recovered:
@@ -632,18 +604,14 @@ class Bot:
                 self.metrics,
                 store=self.store,
             )
-            # Malformed verification events reach the manager (newer API first).
-            watch = getattr(manager, "watch", None)
-            if callable(watch):
-                watch(self.plugin)
-            else:
-                watch_malformed(self.plugin, manager)
+            # Malformed verification events (m.invalid_message) and raw start contents (the SAS
+            # commitment covers every field the peer sent) reach the manager through the plugin.
+            manager.watch(self.plugin)
             self.manager = manager
             if cfg.verification.post_sas_in_dm:
                 dispatcher.register(SasReady, self._post_sas)
             await manager.start()
             self._controller.manager = manager
-        self._tasks.append(asyncio.create_task(self._backlog.watch(), name="outbox-age"))
 
     # ------------------------------------------------------------------ syncing
 

@@ -181,6 +181,15 @@ def _positive(key: str, value: float) -> float:
     return value
 
 
+def _verification_timeout(key: str, value: float) -> float:
+    # The spec: "Clients should time out a verification that does not complete within 10 minutes".
+    if not 0 < value <= 600:
+        raise ConfigError(
+            key, f"must be more than 0 and at most 600 (the spec's 10 minutes), got {value:g}"
+        )
+    return value
+
+
 def _patterns(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
     for i, pattern in enumerate(value):
         if not pattern.startswith("@"):
@@ -264,7 +273,7 @@ class VerificationConfig:
     ``auto``: confirm automatically for allowed users."""
     post_sas_in_dm: bool = False
     """Also send the emoji and decimals to the verifying user in a direct message."""
-    timeout: float = field(default=600.0, metadata=_check(_positive))
+    timeout: float = field(default=600.0, metadata=_check(_verification_timeout))
     """Seconds before an unfinished verification is cancelled with ``m.timeout``."""
     max_error_replies: int = field(default=3, metadata=_check(_at_least(0)))
     """At most this many cancel replies per peer device per minute for malformed or unexpected

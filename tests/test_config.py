@@ -108,6 +108,12 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
         ),
         (MINIMAL + "[verification]\nenabled = 1\n", "verification.enabled", "expected a boolean"),
         (
+            MINIMAL + "[verification]\ntimeout = 601\n",
+            "verification.timeout",
+            "at most 600 (the spec's 10 minutes)",
+        ),
+        (MINIMAL + "[verification]\ntimeout = 0\n", "verification.timeout", "more than 0"),
+        (
             MINIMAL + '[verification]\nallowed_users = "@a:b"\n',
             "verification.allowed_users",
             "expected an array",

@@ -14,7 +14,6 @@ from bot_toolkit.store import Store
 from bot_toolkit.undecodable import UndecodableEvent
 from bot_toolkit.verification import (
     RESTART_REASON,
-    MalformedVerificationEvent,
     SasReady,
     SasSession,
     State,
@@ -270,6 +269,29 @@ async def test_timeout_overall(clock: FakeClock) -> None:
         await close_sides(a, b)
 
 
+async def test_timeout_follows_the_policy(clock: FakeClock) -> None:
+    short = VerificationPolicy(allowed_users=["@*:test"], confirm=None, timeout=120.0)
+    a = await make_side("alice", clock, policy=short)
+    b = await make_side("bob", clock, policy=VerificationPolicy(allowed_users=["@*:test"]))
+    wire(a, b)
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn) is State.KEYS_EXCHANGED)
+        clock.advance(119)
+        await a.manager.check_timeouts()
+        assert a.manager.state_of(txn) is State.KEYS_EXCHANGED
+        clock.advance(2)
+        await a.manager.check_timeouts()
+        assert a.outbox.cancels(txn) == ["m.timeout"]
+    finally:
+        await close_sides(a, b)
+
+
+def test_policy_refuses_a_timeout_beyond_the_spec() -> None:
+    with pytest.raises(ValueError, match="600"):
+        VerificationPolicy(timeout=601.0)
+
+
 async def test_unanswered_request_lapses_silently(clock: FakeClock) -> None:
     operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None, auto_accept=False)
     a = await make_side("alice", clock, policy=operator)
@@ -346,7 +368,7 @@ async def test_wrong_user_and_malformed(pair: tuple[Side, Side], clock: FakeCloc
     assert a.manager.state_of("t1") is State.READY  # a third party cannot end it
     # A malformed event of the peer in the known transaction: m.invalid_message.
     a.dispatcher.put_nowait(
-        MalformedVerificationEvent(
+        UndecodableEvent(
             sender=b.user_id, transaction_id="t1", event_type_name="m.key.verification.mac"
         )
     )
@@ -356,7 +378,7 @@ async def test_wrong_user_and_malformed(pair: tuple[Side, Side], clock: FakeCloc
     a.put_raw(b.user_id, "m.key.verification.request", _request(b, "t2", clock))
     await eventually(lambda: a.manager.state_of("t2") is State.READY)
     a.dispatcher.put_nowait(
-        MalformedVerificationEvent(
+        UndecodableEvent(
             sender=b.user_id, transaction_id="t2", event_type_name="m.key.verification.cancel"
         )
     )

@@ -39,10 +39,8 @@ from .lifecycle import (
     VerificationRequested,
 )
 from .manager import (
-    MalformedVerificationEvent,
     OutboxLike,
     VerificationManager,
-    watch_malformed,
 )
 from .negotiation import (
     HASH_SHA256,
@@ -160,7 +158,6 @@ __all__ = [
     "InvalidSasMessageError",
     "KeyMismatchError",
     "KeySource",
-    "MalformedVerificationEvent",
     "MarkVerified",
     "NioKeySource",
     "NotifyOthers",
@@ -217,5 +214,4 @@ __all__ = [
     "transition",
     "unpadded_b64",
     "verify_commitment",
-    "watch_malformed",
 ]

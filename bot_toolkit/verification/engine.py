@@ -42,7 +42,6 @@ from .negotiation import METHOD_SAS, SAS_DECIMAL, SAS_EMOJI, SUPPORTED_METHODS
 from .peer_keys import KeySource
 from .persistence import InflightStore
 from .policy import (
-    VERIFICATION_TIMEOUT,
     AttemptTracker,
     ConfirmCallback,
     ErrorReplyLimiter,
@@ -226,7 +225,7 @@ class Engine:
     async def _begin(self, t: Txn) -> None:
         self._txns.begin(t)
         # The overall deadline: what a restart must honour (the request lapse is shorter).
-        deadline = self.clock() + VERIFICATION_TIMEOUT
+        deadline = self.clock() + self.policy.timeout
         devices = (t.peer_device,) if t.peer_device is not None else t.recipients
         await self._inflight.add(t.txn, t.peer_user, devices, deadline)
         self.emit(

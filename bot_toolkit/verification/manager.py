@@ -56,9 +56,8 @@ import asyncio
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .._types import DeviceId, TransactionId, UserId
 from ..dispatcher import Dispatcher
@@ -68,7 +67,6 @@ from ..events import (
 )
 from ..http_api import VerificationInfo
 from ..metrics import Metrics
-from ..undecodable import UndecodableEvent
 from .engine import Engine, OutboxLike
 from .inbound import Inbound
 from .lifecycle import (
@@ -93,10 +91,8 @@ if TYPE_CHECKING:
     from ..nio_plugin import NioPlugin
 
 __all__ = [
-    "MalformedVerificationEvent",
     "OutboxLike",
     "VerificationManager",
-    "watch_malformed",
 ]
 
 log = logging.getLogger("bot_toolkit.verification.manager")
@@ -109,16 +105,6 @@ _CONFIRMABLE: Final = frozenset(
         State.LEGACY_MAC_RECEIVED,
     }
 )
-
-
-class MalformedVerificationEvent(UndecodableEvent, frozen=True, kw_only=True):
-    """Deprecated: a ``m.key.verification.*`` event that failed to decode.
-
-    The nio plugin now dispatches :class:`~bot_toolkit.undecodable.UndecodableEvent` (see
-    :meth:`VerificationManager.watch`); the manager handles this subclass the same way.
-    """
-
-    event_type: ClassVar[str] = "bot_toolkit.malformed_verification"
 
 
 class VerificationManager:
@@ -155,7 +141,7 @@ class VerificationManager:
         self.store = store
         self.keys = key_source
         self.tick = tick
-        self._txns = Transactions(clock)
+        self._txns = Transactions(clock, verification_timeout=policy.timeout)
         self._inflight = InflightStore(store)
         self._peer_keys = PeerKeys(key_source, query_timeout=policy.key_query_timeout)
         self._attempts = AttemptTracker()
@@ -340,13 +326,3 @@ def _new_transaction_id() -> str:
     import secrets  # noqa: PLC0415
 
     return secrets.token_urlsafe(24)
-
-
-def watch_malformed(plugin: NioPlugin, manager: VerificationManager) -> None:
-    """Deprecated: use :meth:`VerificationManager.watch` (``manager.watch(plugin)``)."""
-    warnings.warn(
-        "watch_malformed(plugin, manager) is deprecated; use manager.watch(plugin)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    manager.watch(plugin)

@@ -64,6 +64,13 @@ class VerificationPolicy:
     attempt_cooldown: float = 5.0
     """Seconds after a device's concurrent attempts were cancelled during which its new
     attempts are refused too (so a burst of requests ends with all of them cancelled)."""
+    timeout: float = 600.0
+    """Seconds before an unfinished verification is cancelled with ``m.timeout``. The spec asks
+    implementations to time out within 10 minutes, so more than 600 is refused."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timeout <= 600.0:
+            raise ValueError(f"timeout must be in (0, 600] seconds, got {self.timeout}")
 
     def allows(self, user_id: str) -> bool:
         """Whether ``user_id`` may verify the bot."""

@@ -20,7 +20,7 @@ from .._types import DeviceId, TransactionId, UserId
 from ..events import ToDeviceEvent, encode_content
 from ..http_api import VerificationInfo
 from .lifecycle import VerificationCancelled, VerificationDone
-from .policy import TransactionTimers
+from .policy import VERIFICATION_TIMEOUT, TransactionTimers
 from .sas import SasSession
 from .table import TERMINAL_STATES, State
 
@@ -74,8 +74,10 @@ def fingerprint(event: ToDeviceEvent) -> bytes:
 class Transactions:
     """Transactions by id, their timers and locks. Finished ones stay until their id expires."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.timers = TransactionTimers(clock)
+    def __init__(
+        self, clock: Callable[[], float], *, verification_timeout: float = VERIFICATION_TIMEOUT
+    ) -> None:
+        self.timers = TransactionTimers(clock, verification=verification_timeout)
         self._txns: dict[TransactionId, Txn] = {}
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
 
