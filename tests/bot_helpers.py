@@ -150,13 +150,22 @@ class BotRun:
                 f"the bot exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
             )
 
-    async def terminate(self, within: float = 30.0) -> tuple[int, float]:
-        """SIGTERM; returns (exit code, seconds it took)."""
+    async def wait_log(self, text: str, *, count: int = 1, within: float = 60.0) -> None:
+        """Poll the log until ``text`` occurs at least ``count`` times (bounded)."""
+        deadline = time.monotonic() + within
+        while self.log().count(text) < count:
+            self.check_alive()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{text!r} not logged {count} times within {within}s\n" + self.log()[-3000:]
+                )
+            await asyncio.sleep(0.1)
+
+    async def terminate(self, within: float = 30.0) -> int:
+        """SIGTERM; returns the exit code (``subprocess.TimeoutExpired`` after ``within`` s)."""
         assert self.proc is not None
-        start = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.to_thread(self.proc.wait, within)
-        return rc, time.monotonic() - start
+        return await asyncio.to_thread(self.proc.wait, within)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -97,11 +97,13 @@ async def _metrics_until(run: BotRun, name: str, value: float, **labels: str) ->
 
 
 async def _stop(run: BotRun) -> None:
-    rc, took = await run.terminate(within=FLUSH_DEADLINE + 20)
+    # The wait is a hang guard, not a measurement: that the outbox drained before its
+    # deadline is proven by the bot's own log line below (else it logs what stays stored).
+    rc = await run.terminate(within=FLUSH_DEADLINE + 20)
     log = run.log()
     assert rc == 0, log[-3000:]
-    assert took < FLUSH_DEADLINE + 5, took
     assert "shutdown: outbox flushed (queue depth 0)" in log, log[-3000:]
+    assert "stay stored for the next run" not in log, log[-3000:]
 
 
 async def _dm_text(synapse: LocalSynapse, token: str, peer_user: str) -> str:
@@ -310,7 +312,7 @@ async def test_homeserver_down_at_start_and_mid_run(synapse: LocalSynapse, tmp_p
     try:
         await run.wait_status("/healthz", 200, within=T)
         body = await run.wait_status("/readyz", 503, within=T)
-        await asyncio.sleep(3)  # a few failed attempts
+        await run.wait_log("login failed", count=2, within=T)  # a few failed attempts
         code, body = await run.get("/readyz")
         assert code == 503
         assert "login" in body["checks"]["logged_in"]["detail"], body
@@ -327,7 +329,7 @@ async def test_homeserver_down_at_start_and_mid_run(synapse: LocalSynapse, tmp_p
         await forwarder.start()
         await run.wait_status("/readyz", 200, within=T)
 
-        rc, _ = await run.terminate(within=30)
+        rc = await run.terminate(within=30)
         assert rc == 0, run.log()[-3000:]
         assert bot_user.password not in run.log()
     finally:

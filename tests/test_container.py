@@ -8,7 +8,6 @@ HTTP port is on 127.0.0.1 too.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -145,7 +144,7 @@ def test_check_config_inside_from_environment_only(image: str) -> None:
     assert "config OK: (environment)" in res.stdout
 
 
-# ---- the bot itself (needs `run` wired to bot_toolkit.bot)
+# ---- the bot itself
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -240,8 +239,6 @@ class RunningBot:
 
 @pytest.fixture
 def bot_setup(synapse: LocalSynapse, tmp_path: Path) -> Iterator[tuple[Path, Path, str, str, int]]:
-    if importlib.util.find_spec("bot_toolkit.bot") is None:
-        pytest.skip("`run` is not wired yet: bot_toolkit.bot does not exist")
     user = synapse.register()
     port = free_port()
     config = _config_file(

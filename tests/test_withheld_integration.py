@@ -13,170 +13,18 @@ again on the next message, instead of sleeping 15 s.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nio import AsyncClient, AsyncClientConfig, KeysUploadResponse, RoomSendResponse, SyncResponse
-from nio.store.models import OlmSessions
 
-from bot_toolkit import key_sharing, nio_plugin
-from bot_toolkit.dispatcher import Dispatcher
-from bot_toolkit.events import ToDeviceEvent, WithheldCode
-from bot_toolkit.metrics import Metrics
-from bot_toolkit.outbox import HttpTransport, Outbox
-from bot_toolkit.store import Store
-from bot_toolkit.withheld import PeerDevice, SharingPolicy
+from bot_toolkit.withheld import PeerDevice
+from tests.bot_process import NO_OLM, BotProcess, room_with
 from tests.raw_device import RawDevice
-from tests.synapse import LocalSynapse, RegisteredUser
+from tests.synapse import LocalSynapse
 
 pytestmark = pytest.mark.synapse
-
-NO_OLM = WithheldCode.NO_OLM
-
-
-class ManualClock:
-    """A monotonic clock that tests move forward by hand."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class BotProcess:
-    """One run of the bot: nio client + store + outbox + dispatcher + plugin + key sharing.
-
-    :meth:`stop` then :meth:`start` again on the same ``data_dir`` is a restart: nio reloads its
-    crypto store, bot_toolkit its SQLite store.
-    """
-
-    def __init__(
-        self,
-        synapse: LocalSynapse,
-        user: RegisteredUser,
-        data_dir: Path,
-        *,
-        policy: SharingPolicy | None = None,
-        clock: ManualClock | None = None,
-    ) -> None:
-        self.synapse = synapse
-        self.user = user
-        self.data_dir = data_dir
-        self.policy = policy or SharingPolicy(share_with="all")  # type: ignore[arg-type]
-        self.clock = clock or ManualClock()
-        self.events: list[ToDeviceEvent] = []
-
-    async def start(self) -> BotProcess:
-        nio_dir = self.data_dir / "nio"
-        nio_dir.mkdir(parents=True, exist_ok=True)
-        config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
-        self.client = AsyncClient(
-            self.synapse.url,
-            self.user.user_id,
-            device_id=self.user.device_id,
-            store_path=str(nio_dir),
-            config=config,
-        )
-        self.client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
-        if self.client.should_upload_keys:
-            assert isinstance(await self.client.keys_upload(), KeysUploadResponse)
-        self.store = await Store.open_in(self.data_dir)
-        self.metrics = Metrics()
-        self.dispatcher = Dispatcher(self.metrics)
-
-        async def collect(event: ToDeviceEvent) -> None:
-            self.events.append(event)
-
-        self.dispatcher.register(ToDeviceEvent, collect)
-        await self.dispatcher.start()
-        self.transport = HttpTransport(self.synapse.url, self.user.access_token)
-        self.outbox = Outbox(self.transport, self.store, self.metrics, dispatcher=self.dispatcher)
-        await self.outbox.start()
-        self.plugin = nio_plugin.attach(self.client, self.dispatcher)
-        self.sharing = await key_sharing.attach(
-            self.client,
-            store=self.store,
-            outbox=self.outbox,
-            dispatcher=self.dispatcher,
-            policy=self.policy,
-            clock=self.clock,
-        )
-        assert isinstance(await self.client.sync(timeout=0, full_state=True), SyncResponse)
-        return self
-
-    async def stop(self) -> None:
-        await self.sharing.close()
-        self.plugin.detach()
-        await self.outbox.close(10.0)
-        await self.dispatcher.close(5.0)
-        await self.transport.close()
-        await self.store.close()
-        await self.client.close()
-
-    async def restart(self) -> BotProcess:
-        await self.stop()
-        return await self.start()
-
-    async def refresh(self) -> None:
-        """One sync, then a key query if nio wants one (as ``sync_forever`` would)."""
-        assert isinstance(await self.client.sync(timeout=0), SyncResponse)
-        if self.client.should_query_keys:
-            await self.client.keys_query()
-        await self.dispatcher_idle()
-
-    async def dispatcher_idle(self) -> None:
-        """Give the dispatcher's handlers time to run on what the last sync fed it."""
-        depth = self.metrics.get("dispatcher_queue_depth")
-        for _ in range(100):
-            if depth is None or depth.get() == 0:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
-
-    async def say(self, room_id: str, text: str) -> None:
-        """``room_send`` a text message; waits until the outbox has delivered what it queued."""
-        res = await self.client.room_send(
-            room_id, "m.room.message", {"msgtype": "m.text", "body": text}
-        )
-        assert isinstance(res, RoomSendResponse), res
-        assert await self.outbox.flush(10.0)
-
-    def sent(self, code: str = NO_OLM) -> float:
-        counter = self.metrics.get("withheld_sent_total")
-        return 0.0 if counter is None else counter.get(code)
-
-    def suppressed(self, code: str = NO_OLM) -> float:
-        counter = self.metrics.get("withheld_suppressed_total")
-        return 0.0 if counter is None else counter.get(code)
-
-    def discard_session(self, curve25519: str) -> None:
-        """Forget every Olm session with a device, in memory and in nio's store (as a client
-        does when it replaces a wedged session)."""
-        olm: Any = self.client.olm
-        olm.session_store._entries.pop(curve25519, None)
-        store: Any = self.client.store
-        with store.database.bind_ctx(store.models):
-            OlmSessions.delete().where(OlmSessions.sender_key == curve25519).execute()
-
-
-async def _room_with(bot: BotProcess, peer: RawDevice) -> str:
-    """An encrypted room of the bot that the peer has joined, as both have synced it."""
-    room_id = await peer.create_room(invite=[bot.user.user_id])
-    await bot.client.join(room_id)
-
-    for _ in range(100):
-        await bot.refresh()
-        room = bot.client.rooms.get(room_id)
-        if room is not None and room.encrypted and peer.user_id in room.users:
-            return room_id
-    raise AssertionError("the bot never saw the peer in the room")
 
 
 @pytest.fixture
@@ -210,7 +58,7 @@ def _no_olm(peer: RawDevice, bot: BotProcess) -> list[dict[str, Any]]:
 
 async def test_no_olm_lifecycle_against_a_real_homeserver(bot: BotProcess, peer: RawDevice) -> None:
     assert await peer.one_time_key_counts() == {"signed_curve25519": 0}
-    room_id = await _room_with(bot, peer)
+    room_id = await room_with(bot, peer)
 
     # 1. Three messages; the backoff has passed before each, so every one claims again.
     for i in range(3):
@@ -269,13 +117,16 @@ async def test_no_olm_lifecycle_against_a_real_homeserver(bot: BotProcess, peer:
     old_key = peer.curve25519
     new_key = await peer.replace_identity_key()
     assert new_key != old_key
-    for _ in range(50):
-        await bot.refresh()
+
+    def sees_new_key() -> bool:
         device = bot.client.olm.device_store[peer.user_id].get(peer.device_id)
-        if device is not None and device.curve25519 == new_key:
-            break
-    else:
-        raise AssertionError("the bot never saw the new identity key")
+        return device is not None and device.curve25519 == new_key
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not sees_new_key():
+        if asyncio.get_running_loop().time() >= deadline:
+            raise AssertionError("the bot never saw the new identity key")
+        await bot.refresh(poll_ms=200)
     bot.clock.advance(16 * 60)
     await bot.say(room_id, "who are you now")
     bot.clock.advance(16 * 60)
@@ -290,7 +141,7 @@ async def test_no_olm_lifecycle_against_a_real_homeserver(bot: BotProcess, peer:
 
 
 async def test_claims_back_off_between_messages(bot: BotProcess, peer: RawDevice) -> None:
-    room_id = await _room_with(bot, peer)
+    room_id = await room_with(bot, peer)
     claims: list[dict[str, Any]] = []
     original = bot.client.keys_claim
 
@@ -318,7 +169,7 @@ async def test_claims_back_off_between_messages(bot: BotProcess, peer: RawDevice
 async def test_crash_after_the_decision_sends_the_notice_once_after_restart(
     bot: BotProcess, peer: RawDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    room_id = await _room_with(bot, peer)
+    room_id = await room_with(bot, peer)
 
     async def dies_before_the_outbox(device: PeerDevice, txn_id: str) -> bool:
         return False  # the process dies here: decided and recorded, never handed over
@@ -350,7 +201,7 @@ async def test_crash_after_the_decision_sends_the_notice_once_after_restart(
 async def test_crash_after_the_outbox_stored_the_notice_sends_no_second_one(
     bot: BotProcess, peer: RawDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    room_id = await _room_with(bot, peer)
+    room_id = await room_with(bot, peer)
 
     async def dies_before_marking(device: PeerDevice, txn_id: str) -> None:
         raise RuntimeError("process killed")

@@ -1,0 +1,181 @@
+"""The bot as a library user runs it, against the real Synapse, for the key-sharing tests.
+
+:class:`BotProcess` is one run of the whole bot_toolkit stack on a real nio ``AsyncClient``
+(store, outbox over HTTP, dispatcher, nio plugin, key sharing); stopping and starting it again on
+the same data directory is a process restart. The claim backoff runs on :class:`ManualClock`.
+:func:`room_with` makes an encrypted room that a :class:`tests.raw_device.RawDevice` peer shares
+with the bot. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from nio import AsyncClient, AsyncClientConfig, KeysUploadResponse, RoomSendResponse, SyncResponse
+from nio.store.models import OlmSessions
+
+from bot_toolkit import key_sharing, nio_plugin
+from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit.events import ToDeviceEvent, WithheldCode
+from bot_toolkit.metrics import Metrics
+from bot_toolkit.outbox import HttpTransport, Outbox
+from bot_toolkit.store import Store
+from bot_toolkit.withheld import SharingPolicy
+from tests.nio_helpers import wait_until
+from tests.raw_device import RawDevice
+from tests.synapse import LocalSynapse, RegisteredUser
+
+__all__ = ["NO_OLM", "BotProcess", "ManualClock", "room_with"]
+
+NO_OLM = WithheldCode.NO_OLM
+
+
+class ManualClock:
+    """A monotonic clock that tests move forward by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class BotProcess:
+    """One run of the bot: nio client + store + outbox + dispatcher + plugin + key sharing.
+
+    :meth:`stop` then :meth:`start` again on the same ``data_dir`` is a restart: nio reloads its
+    crypto store, bot_toolkit its SQLite store.
+    """
+
+    def __init__(
+        self,
+        synapse: LocalSynapse,
+        user: RegisteredUser,
+        data_dir: Path,
+        *,
+        policy: SharingPolicy | None = None,
+        clock: ManualClock | None = None,
+    ) -> None:
+        self.synapse = synapse
+        self.user = user
+        self.data_dir = data_dir
+        self.policy = policy or SharingPolicy(share_with="all")  # type: ignore[arg-type]
+        self.clock = clock or ManualClock()
+        self.events: list[ToDeviceEvent] = []
+
+    async def start(self) -> BotProcess:
+        nio_dir = self.data_dir / "nio"
+        nio_dir.mkdir(parents=True, exist_ok=True)
+        config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
+        self.client = AsyncClient(
+            self.synapse.url,
+            self.user.user_id,
+            device_id=self.user.device_id,
+            store_path=str(nio_dir),
+            config=config,
+        )
+        self.client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
+        if self.client.should_upload_keys:
+            assert isinstance(await self.client.keys_upload(), KeysUploadResponse)
+        self.store = await Store.open_in(self.data_dir)
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.metrics)
+
+        async def collect(event: ToDeviceEvent) -> None:
+            self.events.append(event)
+
+        self.dispatcher.register(ToDeviceEvent, collect)
+        await self.dispatcher.start()
+        self.transport = HttpTransport(self.synapse.url, self.user.access_token)
+        self.outbox = Outbox(self.transport, self.store, self.metrics, dispatcher=self.dispatcher)
+        await self.outbox.start()
+        self.plugin = nio_plugin.attach(self.client, self.dispatcher)
+        self.sharing = await key_sharing.attach(
+            self.client,
+            store=self.store,
+            outbox=self.outbox,
+            dispatcher=self.dispatcher,
+            policy=self.policy,
+            clock=self.clock,
+        )
+        assert isinstance(await self.client.sync(timeout=0, full_state=True), SyncResponse)
+        return self
+
+    async def stop(self) -> None:
+        await self.sharing.close()
+        self.plugin.detach()
+        await self.outbox.close(10.0)
+        await self.dispatcher.close(5.0)
+        await self.transport.close()
+        await self.store.close()
+        await self.client.close()
+
+    async def restart(self) -> BotProcess:
+        await self.stop()
+        return await self.start()
+
+    async def refresh(self, poll_ms: int = 0) -> None:
+        """One sync, then a key query if nio wants one (as ``sync_forever`` would)."""
+        assert isinstance(await self.client.sync(timeout=poll_ms), SyncResponse)
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+        await self.dispatcher_idle()
+
+    async def dispatcher_idle(self, within: float = 30.0) -> None:
+        """Wait (bounded) until the handlers have finished what the last sync fed them.
+
+        The plugin hands a sync's events to the dispatcher before ``sync()`` returns, so nothing
+        queued, nothing in flight and no key-sharing background task means the work is done.
+        (The dispatcher has no public "idle" API yet; this reads its counters.)
+        """
+        dispatcher: Any = self.dispatcher
+        sharing: Any = self.sharing
+
+        def busy() -> bool:
+            return bool(dispatcher._queued or dispatcher._in_flight or sharing._tasks)
+
+        await wait_until(lambda: not busy(), within=within, interval=0.01, what="dispatcher idle")
+
+    async def say(self, room_id: str, text: str) -> None:
+        """``room_send`` a text message; waits until the outbox has delivered what it queued."""
+        res = await self.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": text}
+        )
+        assert isinstance(res, RoomSendResponse), res
+        assert await self.outbox.flush(10.0)
+
+    def sent(self, code: str = NO_OLM) -> float:
+        counter = self.metrics.get("withheld_sent_total")
+        return 0.0 if counter is None else counter.get(code)
+
+    def suppressed(self, code: str = NO_OLM) -> float:
+        counter = self.metrics.get("withheld_suppressed_total")
+        return 0.0 if counter is None else counter.get(code)
+
+    def discard_session(self, curve25519: str) -> None:
+        """Forget every Olm session with a device, in memory and in nio's store (as a client
+        does when it replaces a wedged session)."""
+        olm: Any = self.client.olm
+        olm.session_store._entries.pop(curve25519, None)
+        store: Any = self.client.store
+        with store.database.bind_ctx(store.models):
+            OlmSessions.delete().where(OlmSessions.sender_key == curve25519).execute()
+
+
+async def room_with(bot: BotProcess, peer: RawDevice) -> str:
+    """An encrypted room of the bot that the peer has joined, as both have synced it."""
+    room_id = await peer.create_room(invite=[bot.user.user_id])
+    await bot.client.join(room_id)
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        await bot.refresh(poll_ms=200)
+        room = bot.client.rooms.get(room_id)
+        if room is not None and room.encrypted and peer.user_id in room.users:
+            return room_id
+    raise AssertionError("the bot never saw the peer in the room")
