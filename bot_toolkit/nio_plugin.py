@@ -43,6 +43,11 @@ nio 0.26 hook points (all instance attributes, restored by :meth:`NioPlugin.deta
 * ``client.olm._handle_olm_event(sender, sender_key, payload)``: each validated payload.
 * ``client.olm.handle_key_verification(event)`` (only with ``intercept_verification=True``):
   replaced by a no-op, so nio neither creates its own ``Sas`` on a start nor answers key events.
+* ``client.keys_query()``: with nothing left to query it returns a ``KeysQueryError`` instead of
+  raising ``LocalProtocolError``. nio 0.26's ``sync_forever`` schedules ``keys_query()`` as a task
+  when users are pending; if another task (the verification manager fetching a peer's keys, key
+  sharing, the bot's own code) gets their keys first, the scheduled query finds the list empty,
+  raises, and ``sync_forever`` ends. The guard makes that race harmless.
 
 Decode failures: an event that fails to decode is logged (once per distinct error) and counted in
 ``nio_decode_errors_total``. Consumers that must react to it have two public hooks:
@@ -72,11 +77,11 @@ import copy
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from nio import AsyncClient
+from nio import AsyncClient, KeysQueryError
 from nio.exceptions import VerificationError
 
 from bot_toolkit import events as _events
@@ -259,6 +264,7 @@ class NioPlugin:
         self._logged_decode_errors: set[tuple[str, str, str]] = set()
         self._patches.append(_Patch(client, "_handle_to_device", self._wrap_batch))
         self._patches.append(_Patch(client, "_handle_decrypt_to_device", self._wrap_event))
+        self._patches.append(_Patch(client, "keys_query", self._guard_keys_query))
         self._hook_olm()
 
     @property
@@ -296,6 +302,18 @@ class NioPlugin:
         return _subscribe(self._decoded_listeners, listener)
 
     # ----------------------------------------------------------------- hooking
+
+    def _guard_keys_query(self, original: Callable[[], Awaitable[Any]]) -> Callable[[], Any]:
+        client = self.client
+
+        async def keys_query() -> Any:
+            # Checked when the query runs, not when it was scheduled (see the module docs).
+            if client.olm is not None and not client.users_for_key_query:
+                self._m_errors.inc("keys_query_race")
+                return KeysQueryError("No key query required.")
+            return await original()
+
+        return keys_query
 
     def _hook_olm(self) -> None:
         """Wrap the methods of ``client.olm``; again when nio replaced its Olm machine."""

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from nio import AsyncClient, AsyncClientConfig, SyncResponse
+from nio import AsyncClient, AsyncClientConfig, KeysQueryError, LocalProtocolError, SyncResponse
 from nio.crypto import OlmDevice, TrustState
 from nio.crypto.key_request import OutgoingKeyRequest
 from nio.store import SqliteMemoryStore
@@ -39,6 +39,7 @@ from bot_toolkit.events import (
     ToDeviceEvent,
     UnknownToDeviceEvent,
 )
+from bot_toolkit.metrics import Metrics
 from bot_toolkit.nio_plugin import (
     EncryptionNotReady,
     NioPlugin,
@@ -720,13 +721,43 @@ async def test_attach_detach(pair: Pair, rec: Recorder) -> None:
     plugin.detach()
     plugin.detach()
     assert not plugin.attached
-    for name in ("_handle_to_device", "_handle_decrypt_to_device"):
+    for name in ("_handle_to_device", "_handle_decrypt_to_device", "keys_query"):
         assert name not in vars(pair.bob)
     for name in ("_verify_olm_payload", "_handle_olm_event"):
         assert name not in vars(pair.bob.olm)
     await feed(pair.bob, [request("t1")])
     assert await rec.drain() == []
     attach(pair.bob, Dispatcher()).detach()  # attaching again works
+
+
+async def test_a_scheduled_key_query_that_finds_nothing_left_does_not_raise() -> None:
+    """nio's sync_forever schedules keys_query() while users are pending; when another task
+    fetched their keys first, the query raises LocalProtocolError and sync_forever ends. The
+    plugin turns that into an error response."""
+
+    async def race(client: AsyncClient) -> object:
+        client.olm.users_for_key_query.add(BOB)
+        assert client.should_query_keys
+        task = asyncio.ensure_future(client.keys_query())  # what sync_forever does
+        client.olm.users_for_key_query.clear()  # another task's query took the user first
+        return await task
+
+    bare = offline_client(ALICE, "ALICEDEV")
+    with pytest.raises(LocalProtocolError, match="No key query required"):
+        await race(bare)
+
+    client = offline_client(ALICE, "ALICEDEV")
+    metrics = Metrics()
+    plugin = attach(client, Dispatcher(), metrics=metrics)
+    result = await race(client)
+    assert isinstance(result, KeysQueryError)
+    errors = metrics.get("nio_plugin_errors_total")
+    assert errors is not None and errors.get("keys_query_race") == 1
+    plugin.detach()
+    with pytest.raises(LocalProtocolError):
+        await race(client)
+    await bare.close()
+    await client.close()
 
 
 def test_identity_helpers() -> None:
