@@ -24,7 +24,7 @@ from bot_toolkit.metrics import Metrics
 from bot_toolkit.outbox import HttpTransport, Outbox
 from bot_toolkit.store import Store
 from bot_toolkit.withheld import SharingPolicy
-from tests.nio_helpers import wait_until
+from tests.nio_helpers import dispatcher_idle
 from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse, RegisteredUser
 
@@ -128,19 +128,10 @@ class BotProcess:
         await self.dispatcher_idle()
 
     async def dispatcher_idle(self, within: float = 30.0) -> None:
-        """Wait (bounded) until the handlers have finished what the last sync fed them.
-
-        The plugin hands a sync's events to the dispatcher before ``sync()`` returns, so nothing
-        queued, nothing in flight and no key-sharing background task means the work is done.
-        (The dispatcher has no public "idle" API yet; this reads its counters.)
-        """
-        dispatcher: Any = self.dispatcher
+        """Wait (bounded) until the handlers have finished what the last sync fed them, and
+        key sharing's background tasks too."""
         sharing: Any = self.sharing
-
-        def busy() -> bool:
-            return bool(dispatcher._queued or dispatcher._in_flight or sharing._tasks)
-
-        await wait_until(lambda: not busy(), within=within, interval=0.01, what="dispatcher idle")
+        await dispatcher_idle(self.dispatcher, busy=lambda: bool(sharing._tasks), within=within)
 
     async def say(self, room_id: str, text: str) -> None:
         """``room_send`` a text message; waits until the outbox has delivered what it queued."""

@@ -45,6 +45,7 @@ __all__ = [
     "node_available",
     "peer_installed",
     "require_node_peer",
+    "started_peer",
 ]
 
 log = logging.getLogger("bot_toolkit.tests.interop_peer")
@@ -88,6 +89,25 @@ def require_node_peer() -> None:
             f"{INSTALL_HINT}",
             pytrace=False,
         )
+
+
+async def started_peer(synapse: Any, name: str, *, timeout: float = 60.0) -> JsPeer:
+    """A js peer logged in as a newly registered user of ``synapse`` and syncing.
+
+    The caller closes it (``await peer.close()``); on any failure here it is closed already.
+    """
+    user = await asyncio.to_thread(synapse.register)
+    peer = JsPeer(name)
+    await peer.spawn()
+    try:
+        await peer.login(synapse.url, user.user_id, user.access_token, user.device_id)
+        started = await peer.start(timeout=timeout)
+        if started.get("device_id") != user.device_id or not started.get("ed25519"):
+            raise JsPeerError(f"[{name}] started with unexpected identity: {started}")
+    except BaseException:
+        await peer.close()
+        raise
+    return peer
 
 
 def _log_dir() -> Path:

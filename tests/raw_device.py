@@ -22,7 +22,6 @@ the code under test through nio.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -381,14 +380,19 @@ class RawDevice:
                 raise TimeoutError(f"{self!r}: condition not met; got {self.to_device_events!r}")
             await self.sync(timeout_ms=int(min(remaining, 2.0) * 1000))
 
-    async def drain(self, *, quiet: float = 1.0) -> list[Event]:
-        """Sync until nothing new arrives for ``quiet`` seconds; returns every event so far."""
+    async def drain(self, *, quiet: float = 1.0, within: float = 60.0) -> list[Event]:
+        """Sync until nothing new arrives for ``quiet`` seconds; returns every event so far.
+
+        Bounded: a peer that keeps receiving for ``within`` seconds raises TimeoutError.
+        """
+        deadline = time.monotonic() + within
         while True:
             before = len(self.to_device_events)
             await self.sync(timeout_ms=int(quiet * 1000))
             if len(self.to_device_events) == before:
-                await asyncio.sleep(0)
                 return self.to_device_events
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self!r}: to-device events still arriving after {within}s")
 
     def withheld(self, code: str | None = None, sender: str | None = None) -> list[Event]:
         """The ``m.room_key.withheld`` events received so far, optionally filtered."""

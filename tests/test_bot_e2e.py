@@ -27,10 +27,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from nio import AsyncClient, AsyncClientConfig
 
 from tests.bot_helpers import BotRun, TcpForwarder, metric, new_admin_token, write_config
-from tests.interop_peer import JsPeer, require_node_peer
+from tests.interop_peer import JsPeer, require_node_peer, started_peer
+from tests.nio_helpers import stored_trust
 from tests.synapse import LocalSynapse, RegisteredUser, free_port
 
 pytestmark = [pytest.mark.synapse, pytest.mark.timeout(420)]
@@ -39,26 +39,13 @@ T = 60.0
 FLUSH_DEADLINE = 10.0
 
 
-async def _peer(synapse: LocalSynapse, name: str) -> JsPeer:
-    user = await asyncio.to_thread(synapse.register)
-    peer = JsPeer(name)
-    await peer.spawn()
-    try:
-        await peer.login(synapse.url, user.user_id, user.access_token, user.device_id)
-        await peer.start(timeout=T)
-    except BaseException:
-        await peer.close()
-        raise
-    return peer
-
-
 @pytest.fixture
 async def peers(synapse: LocalSynapse) -> AsyncIterator[list[JsPeer]]:
     require_node_peer()
     made: list[JsPeer] = []
     try:
-        made.append(await _peer(synapse, "e2e-operator"))
-        made.append(await _peer(synapse, "e2e-auto"))
+        made.append(await started_peer(synapse, "e2e-operator", timeout=T))
+        made.append(await started_peer(synapse, "e2e-auto", timeout=T))
         yield made
     finally:
         for p in made:
@@ -128,21 +115,6 @@ async def _dm_text(synapse: LocalSynapse, token: str, peer_user: str) -> str:
             if event["type"] == "m.room.message":
                 return str(event["content"]["body"])
     raise AssertionError(f"no direct room with {peer_user}")
-
-
-def _nio_store_says_verified(
-    url: str, data_dir: Path, session: dict[str, Any], devices: list[tuple[str, str]]
-) -> list[bool]:
-    client = AsyncClient(
-        url,
-        session["user_id"],
-        device_id=session["device_id"],
-        store_path=str(data_dir / "nio"),
-        config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
-    )
-    # restore_login loads the crypto store from disk; no request is made.
-    client.restore_login(session["user_id"], session["device_id"], session["access_token"])
-    return [bool(client.device_store[u][d].verified) for u, d in devices]
 
 
 @pytest.mark.interop
@@ -270,11 +242,13 @@ async def test_run_verify_stop_restart(
 
         # ---- the trust is on disk
         verified = await asyncio.to_thread(
-            _nio_store_says_verified,
+            stored_trust,
             synapse.url,
-            data_dir,
-            again,
-            [
+            again["user_id"],
+            again["device_id"],
+            again["access_token"],
+            data_dir / "nio",
+            devices=[
                 (str(operator_peer.user_id), str(operator_peer.device_id)),
                 (str(auto_peer.user_id), str(auto_peer.device_id)),
             ],

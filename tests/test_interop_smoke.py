@@ -7,13 +7,12 @@ fails these tests with that instruction instead of skipping them.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 
-from tests.interop_peer import JsPeer, JsPeerTimeout, require_node_peer
+from tests.interop_peer import JsPeer, JsPeerTimeout, require_node_peer, started_peer
 from tests.synapse import LocalSynapse
 
 pytestmark = [pytest.mark.interop, pytest.mark.synapse]
@@ -38,28 +37,13 @@ class Pair:
         return self.b.user_id, self.b.device_id
 
 
-async def _started_peer(synapse: LocalSynapse, name: str) -> JsPeer:
-    user = await asyncio.to_thread(synapse.register)
-    peer = JsPeer(name)
-    await peer.spawn()
-    try:
-        await peer.login(synapse.url, user.user_id, user.access_token, user.device_id)
-        started = await peer.start(timeout=T)
-        assert started["device_id"] == user.device_id
-        assert started["ed25519"]
-    except BaseException:
-        await peer.close()
-        raise
-    return peer
-
-
 @pytest.fixture
 async def pair(synapse: LocalSynapse) -> AsyncIterator[Pair]:
     """Two started js peers (two users) in one encrypted room, each knowing the other's device."""
     require_node_peer()
-    a = await _started_peer(synapse, "js-a")
+    a = await started_peer(synapse, "js-a", timeout=T)
     try:
-        b = await _started_peer(synapse, "js-b")
+        b = await started_peer(synapse, "js-b", timeout=T)
         try:
             assert b.user_id
             room_id = await a.create_room(invite=[b.user_id], encrypted=True)
@@ -81,9 +65,9 @@ async def pair(synapse: LocalSynapse) -> AsyncIterator[Pair]:
 async def strangers(synapse: LocalSynapse) -> AsyncIterator[Pair]:
     """Two started js peers that share no room: neither tracks the other's devices."""
     require_node_peer()
-    a = await _started_peer(synapse, "js-a")
+    a = await started_peer(synapse, "js-a", timeout=T)
     try:
-        b = await _started_peer(synapse, "js-b")
+        b = await started_peer(synapse, "js-b", timeout=T)
         try:
             yield Pair(a, b, None)
         finally:

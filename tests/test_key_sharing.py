@@ -17,7 +17,9 @@ import vodozemac
 from nio import (
     AsyncClient,
     AsyncClientConfig,
+    JoinResponse,
     MegolmEvent,
+    RoomCreateResponse,
     RoomMessageText,
 )
 from nio import (
@@ -354,8 +356,10 @@ async def _shared_room(bot: BotProcess, peer: AsyncClient, *raws: RawDevice) -> 
     created = await bot.client.room_create(
         invite=[peer.user_id, *(r.user_id for r in raws)], initial_state=[encryption]
     )
+    assert isinstance(created, RoomCreateResponse), created
     room_id: str = created.room_id
-    await peer.join(room_id)
+    joined = await peer.join(room_id)
+    assert isinstance(joined, JoinResponse), joined
     for raw in raws:
         await raw.join(room_id)
     members = {peer.user_id, *(r.user_id for r in raws)}

@@ -276,19 +276,28 @@ async def test_forged_payload_is_discarded_and_counted(
         await bot.dispatcher.close()
 
 
-async def _peer_receives(peer: AsyncClient, seconds: float) -> list[Any]:
-    """Every to-device event ``peer`` receives while syncing for ``seconds``."""
+async def _peer_receives(peer: AsyncClient, *, within: float = 20.0) -> list[Any]:
+    """Every to-device event waiting for ``peer``: it syncs until one long-poll brings none.
+
+    The caller makes sure whatever could be sent has been sent (bounded: ``within`` seconds).
+    """
     got: list[Any] = []
 
     async def record(event: Any) -> None:
         got.append(event)
 
     peer.add_to_device_callback(record, object)
-    deadline = asyncio.get_running_loop().time() + seconds
-    while asyncio.get_running_loop().time() < deadline:
-        await peer.sync(timeout=200)
-    peer.to_device_callbacks.clear()
-    return got
+    try:
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            before = len(got)
+            await peer.sync(timeout=500)
+            if len(got) == before:
+                return got
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError(f"to-device events still arriving after {within}s: {got}")
+    finally:
+        peer.to_device_callbacks.clear()
 
 
 @pytest.mark.parametrize("intercept", [False, True])
@@ -314,8 +323,9 @@ async def test_intercept_keeps_nio_from_answering_verification(
             await send_plaintext(peer, *to, "m.key.verification.start", start)
             await send_plaintext(peer, *to, "m.key.verification.key", key)
             await wait_until(lambda: len(bot.seen) >= 2, what="start and key dispatched")
-            await _more_syncs(client, 2)  # sync_forever sends nio's queued to-device messages
-            answers = await _peer_receives(peer, 2.0)
+            # Two more turns of sync_forever: nio has sent whatever it queued in reply by then.
+            await _more_syncs(client, 2)
+            answers = await _peer_receives(peer)
         types = [getattr(e, "source", {}).get("type") for e in answers]
         if intercept:
             assert types == []

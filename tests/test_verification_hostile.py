@@ -9,6 +9,7 @@ own ``/sync``. Each case checks the exact cancel code the bot sends, or that it 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,17 +33,18 @@ T = 30.0
 CAP = 3  # the bot's error replies per peer device per minute in these tests
 
 
+def _policy() -> VerificationPolicy:
+    return VerificationPolicy(allowed_users=["@*:*"], confirm=auto_confirm(), max_error_replies=CAP)
+
+
 @pytest.fixture
 async def bot(synapse: LocalSynapse, tmp_path: Path) -> AsyncIterator[Bot]:
-    policy = VerificationPolicy(
-        allowed_users=["@*:*"], confirm=auto_confirm(), max_error_replies=CAP
-    )
-    async with running_bot(synapse, tmp_path, policy=policy) as b:
+    async with running_bot(synapse, tmp_path, policy=_policy()) as b:
         yield b
 
 
-async def _peer(synapse: LocalSynapse) -> RawDevice:
-    user = await asyncio.to_thread(synapse.register)
+async def _peer(synapse: LocalSynapse, localpart: str | None = None) -> RawDevice:
+    user = await asyncio.to_thread(synapse.register, localpart)
     dev = RawDevice(synapse.url, user.user_id, user.access_token, user.device_id)
     await dev.upload_keys()
     await dev.sync()
@@ -191,21 +193,39 @@ async def test_start_method_conflict(bot: Bot, mallory: RawDevice) -> None:
     assert [c["code"] for c in _from_bot(mallory, bot, "cancel", txn)] == ["m.unexpected_message"]
 
 
-async def test_start_race_same_method(bot: Bot, mallory: RawDevice) -> None:
-    """Both start m.sas.v1: the smaller user id wins; the loser's start is ignored."""
-    txn = await bot.manager.request_verification(mallory.user_id, mallory.device_id)
-    await _wait_for(mallory, bot, "request", txn)
-    ready = {"from_device": mallory.device_id, "methods": ["m.sas.v1"], "transaction_id": txn}
-    theirs = _sas(mallory, bot, txn, we_started=True).start_content()
-    await _send(mallory, bot, "ready", ready)
-    await _send(mallory, bot, "start", theirs)
-    await _wait_for(mallory, bot, "start", txn)
-    bot_wins = (bot.user_id, bot.device_id) < (mallory.user_id, mallory.device_id)
-    if bot_wins:
-        await mallory.drain(quiet=1.5)
-        assert _from_bot(mallory, bot, "accept", txn) == []
-        assert bot.manager.state_of(txn) is State.STARTED_OUT
-    else:
-        await _wait_for(mallory, bot, "accept", txn)
-        assert bot.manager.state_of(txn) is State.STARTED_IN
-    assert _from_bot(mallory, bot, "cancel", txn) == []
+@pytest.mark.parametrize("bot_wins", [True, False], ids=["bot-wins", "bot-loses"])
+async def test_start_race_same_method(
+    synapse: LocalSynapse, tmp_path: Path, bot_wins: bool
+) -> None:
+    """Both start m.sas.v1: the smaller user id wins; the loser's start is ignored.
+
+    The user ids are chosen so that each case runs every time (random ids would test one).
+    """
+    tag = secrets.token_hex(3)
+    first, last = f"aaa_race_{tag}", f"zzz_race_{tag}"
+    bot_user = await asyncio.to_thread(synapse.register, first if bot_wins else last)
+    mallory = await _peer(synapse, last if bot_wins else first)
+    try:
+        async with running_bot(synapse, tmp_path, policy=_policy(), user=bot_user) as bot:
+            assert ((bot.user_id, bot.device_id) < (mallory.user_id, mallory.device_id)) is bot_wins
+            txn = await bot.manager.request_verification(mallory.user_id, mallory.device_id)
+            await _wait_for(mallory, bot, "request", txn)
+            ready = {
+                "from_device": mallory.device_id,
+                "methods": ["m.sas.v1"],
+                "transaction_id": txn,
+            }
+            theirs = _sas(mallory, bot, txn, we_started=True).start_content()
+            await _send(mallory, bot, "ready", ready)
+            await _send(mallory, bot, "start", theirs)
+            await _wait_for(mallory, bot, "start", txn)
+            if bot_wins:
+                await mallory.drain(quiet=1.5)
+                assert _from_bot(mallory, bot, "accept", txn) == []
+                assert bot.manager.state_of(txn) is State.STARTED_OUT
+            else:
+                await _wait_for(mallory, bot, "accept", txn)
+                assert bot.manager.state_of(txn) is State.STARTED_IN
+            assert _from_bot(mallory, bot, "cancel", txn) == []
+    finally:
+        await mallory.close()
