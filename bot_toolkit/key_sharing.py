@@ -63,6 +63,7 @@ from typing import Any, Final, Protocol
 
 from nio import AsyncClient, KeysClaimResponse
 
+from bot_toolkit._patching import InstancePatch
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
 from bot_toolkit.metrics import Metrics
@@ -118,27 +119,6 @@ class _Round:
 _ROUND: contextvars.ContextVar[_Round | None] = contextvars.ContextVar(
     "bot_toolkit_key_sharing_round", default=None
 )
-
-
-class _Patch:
-    """One instance attribute replaced by a wrapper; :meth:`undo` restores it if still ours."""
-
-    __slots__ = ("_had_own", "_name", "_obj", "_previous", "_wrapper")
-
-    def __init__(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
-        self._obj, self._name = obj, name
-        self._had_own = name in vars(obj)
-        self._previous = vars(obj).get(name)
-        self._wrapper = make(getattr(obj, name))
-        setattr(obj, name, self._wrapper)
-
-    def undo(self) -> None:
-        if vars(self._obj).get(self._name) is not self._wrapper:
-            return
-        if self._had_own:
-            setattr(self._obj, self._name, self._previous)
-        else:
-            delattr(self._obj, self._name)
 
 
 async def attach(
@@ -228,7 +208,7 @@ class KeySharing:
             ["where"],
         )
         self._attached = True
-        self._patches: list[_Patch] = []
+        self._patches: list[InstancePatch] = []
         self._olm: Any = None
         # room -> (Megolm session id, devices that got no key for lack of an Olm session)
         self._unreached: dict[str, tuple[str, set[PeerDevice]]] = {}
@@ -242,8 +222,8 @@ class KeySharing:
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
 
         make = self._wrap_share
-        self._patches.append(_Patch(client, "share_group_session", make))
-        self._patches.append(_Patch(client, "keys_claim", self._wrap_keys_claim))
+        self._patches.append(InstancePatch(client, "share_group_session", make))
+        self._patches.append(InstancePatch(client, "keys_claim", self._wrap_keys_claim))
         self._hook_olm()
         dispatcher.register(RoomKeyRequest, self._on_key_request)
         dispatcher.register(RoomKeyWithheld, self._on_withheld, _is_no_olm)
@@ -334,18 +314,22 @@ class KeySharing:
             return
         self._olm = olm
         self._patches.append(
-            _Patch(olm, "should_share_group_session", lambda o: self._wrap_should_share(olm, o))
+            InstancePatch(
+                olm, "should_share_group_session", lambda o: self._wrap_should_share(olm, o)
+            )
         )
         self._patches.append(
-            _Patch(olm, "get_missing_sessions", lambda o: self._wrap_missing(olm, o))
+            InstancePatch(olm, "get_missing_sessions", lambda o: self._wrap_missing(olm, o))
         )
         self._patches.append(
-            _Patch(olm, "share_group_session_parallel", lambda o: self._wrap_parallel(olm, o))
+            InstancePatch(
+                olm, "share_group_session_parallel", lambda o: self._wrap_parallel(olm, o)
+            )
         )
         self._patches.append(
-            _Patch(olm, "is_device_blacklisted", lambda o: self._wrap_blacklisted(olm, o))
+            InstancePatch(olm, "is_device_blacklisted", lambda o: self._wrap_blacklisted(olm, o))
         )
-        self._patches.append(_Patch(olm, "save_session", self._wrap_save_session))
+        self._patches.append(InstancePatch(olm, "save_session", self._wrap_save_session))
 
     def _peer(self, device: Any) -> PeerDevice:
         return PeerDevice(device.user_id, device.device_id, device.curve25519)

@@ -93,6 +93,7 @@ from bot_toolkit._nio_identity import (
     our_identity,
 )
 from bot_toolkit._olm_checks import payload_problem
+from bot_toolkit._patching import InstancePatch
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
 from bot_toolkit.metrics import Metrics
@@ -187,27 +188,6 @@ class _Envelope:
     rejected: bool = False
 
 
-class _Patch:
-    """One instance attribute replaced by a wrapper; :meth:`undo` restores it if still ours."""
-
-    __slots__ = ("_had_own", "_name", "_obj", "_previous", "_wrapper")
-
-    def __init__(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
-        self._obj, self._name = obj, name
-        self._had_own = name in vars(obj)
-        self._previous = vars(obj).get(name)
-        self._wrapper = make(getattr(obj, name))
-        setattr(obj, name, self._wrapper)
-
-    def undo(self) -> None:
-        if vars(self._obj).get(self._name) is not self._wrapper:
-            return  # wrapped again by someone else: ours stays, as a pass-through
-        if self._had_own:
-            setattr(self._obj, self._name, self._previous)
-        else:
-            delattr(self._obj, self._name)
-
-
 class NioPlugin:
     """The hooks of one client; made by :func:`attach`. Call :meth:`detach` to remove them."""
 
@@ -256,15 +236,15 @@ class NioPlugin:
             ["event_type"],
         )
         self._attached = True
-        self._patches: list[_Patch] = []
+        self._patches: list[InstancePatch] = []
         self._olm: Any = None
         self._batch: list[ToDeviceEvent] | None = None
         self._unparsed: deque[object] = deque()
         self._envelope: _Envelope | None = None
         self._logged_decode_errors: set[tuple[str, str, str]] = set()
-        self._patches.append(_Patch(client, "_handle_to_device", self._wrap_batch))
-        self._patches.append(_Patch(client, "_handle_decrypt_to_device", self._wrap_event))
-        self._patches.append(_Patch(client, "keys_query", self._guard_keys_query))
+        self._patches.append(InstancePatch(client, "_handle_to_device", self._wrap_batch))
+        self._patches.append(InstancePatch(client, "_handle_decrypt_to_device", self._wrap_event))
+        self._patches.append(InstancePatch(client, "keys_query", self._guard_keys_query))
         self._hook_olm()
 
     @property
@@ -323,14 +303,14 @@ class NioPlugin:
                 return
             self._olm = olm
             self._patches.append(
-                _Patch(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
+                InstancePatch(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
             )
             self._patches.append(
-                _Patch(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
+                InstancePatch(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
             )
             if self.intercept_verification:
                 self._patches.append(
-                    _Patch(olm, "handle_key_verification", self._wrap_verification)
+                    InstancePatch(olm, "handle_key_verification", self._wrap_verification)
                 )
         except Exception:
             self._error("hook_olm")

@@ -1,0 +1,38 @@
+"""Replace one attribute of one object (never a class) and put it back later.
+
+bot_toolkit hooks nio through attributes of a single client or Olm machine instance, so several
+clients can live in one process and ``detach()`` restores nio exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["InstancePatch"]
+
+
+class InstancePatch:
+    """One instance attribute replaced by ``make(current)``; :meth:`undo` restores it.
+
+    If someone else wrapped the attribute again after us, :meth:`undo` leaves it alone: our
+    wrapper then stays in their chain as a pass-through rather than cutting them off.
+    """
+
+    __slots__ = ("_had_own", "_name", "_obj", "_previous", "_wrapper")
+
+    def __init__(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self._obj, self._name = obj, name
+        self._had_own = name in vars(obj)
+        self._previous = vars(obj).get(name)
+        self._wrapper = make(getattr(obj, name))
+        setattr(obj, name, self._wrapper)
+
+    def undo(self) -> None:
+        """Restore the attribute as it was, if it is still ours."""
+        if vars(self._obj).get(self._name) is not self._wrapper:
+            return
+        if self._had_own:
+            setattr(self._obj, self._name, self._previous)
+        else:
+            delattr(self._obj, self._name)
