@@ -193,11 +193,6 @@ async def test_crash_after_the_decision_sends_the_notice_once_after_restart(
     assert (bot.sent(), bot.suppressed()) == (1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Outbox.send takes no txn_id: a crash between the outbox's commit and the ledger's "
-    "mark_sent makes recovery send a second notice under a new transaction id",
-)
 async def test_crash_after_the_outbox_stored_the_notice_sends_no_second_one(
     bot: BotProcess, peer: RawDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
