@@ -234,11 +234,17 @@ async def eventually(
 
 
 async def settle(*sides: Side, rounds: int = 5) -> None:
-    """Let the dispatchers drain (bounded): several passes of yielding."""
+    """Let the dispatchers drain (bounded): several passes of yielding, each ending only once
+    every side's dispatcher has nothing queued or in flight (so a slow machine cannot make a
+    check run before the work it checks)."""
+    from tests.nio_helpers import dispatcher_idle  # noqa: PLC0415
+
     for _ in range(rounds):
         for _ in range(20):
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
+        for side in sides:
+            await dispatcher_idle(side.dispatcher, within=10.0)
 
 
 # --------------------------------------------------------------------------------- real bot
