@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -55,7 +56,8 @@ def _create_private(file: Path) -> None:
 
 
 class StoreError(RuntimeError):
-    """The store is closed, or its schema is newer than this code understands."""
+    """The store is closed, its schema is newer than this code understands, or a migration
+    statement failed (the database error is the ``__cause__``)."""
 
 
 class Store:
@@ -170,7 +172,10 @@ class Store:
 
         Raises:
             ValueError: the versions are not 1..n.
-            StoreError: the database holds a newer version than ``migrations`` knows (a downgrade).
+            StoreError: the database holds a newer version than ``migrations`` knows (a downgrade),
+                or a statement of a migration failed: the message names the component and the
+                version, that version's transaction is rolled back and not recorded (earlier
+                versions applied by this call stay), and the ``sqlite3.Error`` is the cause.
         """
         versions = sorted(migrations)
         if versions != list(range(1, len(versions) + 1)):
@@ -184,7 +189,10 @@ class Store:
         for version in range(current + 1, target + 1):
             async with self.transaction() as conn:
                 for statement in migrations[version]:
-                    await conn.execute(statement)
+                    try:
+                        await conn.execute(statement)
+                    except sqlite3.Error as exc:
+                        raise StoreError(f"{component} v{version}: {exc}") from exc
                 await conn.execute(
                     "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
                     "ON CONFLICT (component) DO UPDATE SET version = excluded.version",

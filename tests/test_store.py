@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -69,11 +70,24 @@ async def test_migrate_refuses_downgrade_and_bad_numbering(store: Store) -> None
 async def test_failed_migration_leaves_the_previous_version(store: Store) -> None:
     await store.migrate("e", {1: ["CREATE TABLE e (x)"]})
     broken = {1: ["CREATE TABLE e (x)"], 2: ["CREATE TABLE e2 (x)", "THIS IS NOT SQL"]}
-    with pytest.raises(Exception, match="syntax"):
+    with pytest.raises(StoreError, match=r"^e v2: .*syntax") as failed:
         await store.migrate("e", broken)
+    assert isinstance(failed.value.__cause__, sqlite3.OperationalError)
     assert await store.schema_version("e") == 1
     tables = await store.fetchall("SELECT name FROM sqlite_master WHERE name = 'e2'")
     assert tables == []  # rolled back with the version record
+    # Several versions in one call: those before the failing one stay applied and recorded.
+    steps = {
+        1: ["CREATE TABLE f1 (x)"],
+        2: ["CREATE TABLE f2 (x)"],
+        3: ["INSERT INTO nope VALUES (1)"],
+    }
+    with pytest.raises(StoreError, match=r"^f v3: no such table: nope$") as failed:
+        await store.migrate("f", steps)
+    assert isinstance(failed.value.__cause__, sqlite3.OperationalError)
+    assert await store.schema_version("f") == 2
+    names = await store.fetchall("SELECT name FROM sqlite_master WHERE name LIKE 'f_' ORDER BY 1")
+    assert names == [("f1",), ("f2",)]
 
 
 async def test_transaction_commits_rolls_back_and_counts(store: Store) -> None:
