@@ -127,7 +127,7 @@ def test_check_config_inside_reports_bad_key(image: str, tmp_path: Path) -> None
         "--",
         "check-config",
     )
-    assert res.returncode != 0
+    assert res.returncode == 2, (res.returncode, res.stderr)  # the CLI's bad-config exit code
     assert "logging.bogus" in res.stderr
 
 
