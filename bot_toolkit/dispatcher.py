@@ -173,6 +173,7 @@ class Dispatcher:
         self._queued = 0  # events waiting, all keys
         self._in_flight = 0  # events being handled
         self._handled = 0
+        self._drained: asyncio.Event | None = None  # set by a worker once idle; only while joined
         self._idle: deque[asyncio.Future[None]] = deque()  # idle workers
         self._putters: deque[asyncio.Future[None]] = deque()  # put() calls waiting for room
         self._tasks: set[asyncio.Task[None]] = set()
@@ -396,6 +397,34 @@ class Dispatcher:
                 waiter.set_result(None)
                 return
 
+    def _wake_joiners(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.set()
+
+    async def join(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until nothing is queued and nothing is being handled.
+
+        Returns ``True`` once the dispatcher is idle (at once if it already is), ``False`` if it
+        is still busy after ``timeout`` seconds (``None``: no limit). Events put while waiting
+        are waited for too: ``True`` means idle at the moment ``join`` returns. Before
+        :meth:`start` queued events are not handled, so ``join`` waits for ``start`` (or times
+        out); after :meth:`close` the dispatcher is idle (what was not handled was abandoned).
+        Handlers' own background work (tasks they started) is not waited for.
+        """
+        if not self._queued and not self._in_flight:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                while self._queued or self._in_flight:
+                    drained = self._drained
+                    if drained is None:
+                        drained = self._drained = asyncio.Event()
+                    await drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -466,6 +495,8 @@ class Dispatcher:
         self._pending.clear()
         self._ready.clear()
         self._queued = 0
+        self._in_flight = 0  # what was still running was cancelled: counted as abandoned
+        self._wake_joiners()
         summary = CloseSummary(drained=self._handled - handled_before, abandoned=abandoned)
         if abandoned:
             logger.warning(
@@ -537,6 +568,8 @@ class Dispatcher:
                 ready.append(key)
             else:
                 del pending[key]
+                if self._drained is not None and not self._in_flight and not self._queued:
+                    self._wake_joiners()
             budget -= 1
             if not budget:
                 budget = _YIELD_EVERY

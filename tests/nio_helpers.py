@@ -3,7 +3,7 @@
 * :func:`make_client`: register a user (or take one), log in with a fresh crypto store, upload
   device keys and run a first sync.
 * :func:`syncing`: ``sync_forever`` in a background task for the length of an ``async with``.
-* :func:`sync_until` / :func:`wait_until` / :func:`dispatcher_idle`: bounded waiting.
+* :func:`sync_until` / :func:`wait_until`: bounded waiting.
 * :func:`share_encrypted_room`, :func:`know_each_other`: make two clients track each other.
 * :func:`send_olm`: an Olm-encrypted to-device event of any type (or a hand-made payload, to
   test validation); :func:`send_plaintext`: a plaintext one.
@@ -40,7 +40,6 @@ __all__ = [
     "OLM_ALGORITHM",
     "NioRequestFailed",
     "close_clients",
-    "dispatcher_idle",
     "know_each_other",
     "make_client",
     "olm_payload",
@@ -161,23 +160,6 @@ async def wait_until(
         if asyncio.get_running_loop().time() >= deadline:
             raise TimeoutError(f"not true after {within}s: {what or predicate!r}")
         await asyncio.sleep(interval)
-
-
-async def dispatcher_idle(
-    dispatcher: Any, *, busy: Callable[[], bool] = lambda: False, within: float = 30.0
-) -> None:
-    """Wait (bounded) until ``dispatcher`` has nothing queued and nothing in flight.
-
-    ``busy`` adds another condition (background work of the caller's own). The nio plugin
-    hands a sync's events over before ``sync()`` returns, so after a sync this means every
-    handler has finished with them. The Dispatcher has no public "idle" API: this reads its
-    counters.
-    """
-
-    def idle() -> bool:
-        return not (dispatcher._queued or dispatcher._in_flight or busy())
-
-    await wait_until(idle, within=within, interval=0.01, what="dispatcher idle")
 
 
 async def sync_until(

@@ -755,6 +755,131 @@ async def test_waiting_put_fails_when_closed() -> None:
     await assert_no_other_tasks()
 
 
+# ---------------------------------------------------------------------------- join
+
+
+async def test_join_is_true_at_once_when_idle() -> None:
+    d = Dispatcher()
+    handled: list[int] = []
+
+    @d.on(Ev)
+    async def handler(event: Ev) -> None:
+        handled.append(event.n)
+
+    assert await d.join(timeout=0)  # never started, nothing queued
+    async with d:
+        assert await d.join(timeout=0)
+        await d.put(Ev("@a:x", n=1))
+        assert await d.join(timeout=BOUND)
+        assert handled == [1]
+        assert await d.join(timeout=0)  # still idle: no work left over for a second join
+    await assert_no_other_tasks()
+
+
+async def test_join_waits_for_a_slow_handler() -> None:
+    d = Dispatcher(handler_timeout=None)
+    started, gate = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+
+    @d.on(Ev)
+    async def handler(event: Ev) -> None:
+        started.set()
+        await gate.wait()
+        handled.append(event.n)
+
+    async with d:
+        await d.put(Ev("@a:x", n=1))
+        await wait_for(started)
+        joined = asyncio.create_task(d.join(timeout=BOUND))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not joined.done()  # the handler is still running
+        gate.set()
+        assert await joined is True
+        assert handled == [1]  # finished before join returned
+    await assert_no_other_tasks()
+
+
+async def test_join_waits_for_events_put_while_joining() -> None:
+    d = Dispatcher(handler_timeout=None)
+    gates = {n: asyncio.Event() for n in range(3)}
+    started = {n: asyncio.Event() for n in range(3)}
+    handled: list[int] = []
+
+    @d.on(Ev)
+    async def handler(event: Ev) -> None:
+        started[event.n].set()
+        await gates[event.n].wait()
+        handled.append(event.n)
+        if event.n == 1:
+            # Queued after the worker finds the dispatcher idle and wakes the joiner, but
+            # before the joiner runs: join must see it and keep waiting.
+            asyncio.get_running_loop().call_soon(d.put_nowait, Ev("@c:x", n=2))
+
+    async with d:
+        await d.put(Ev("@a:x", n=0))
+        await wait_for(started[0])
+        joined = asyncio.create_task(d.join(timeout=BOUND))
+        await asyncio.sleep(0)
+        await d.put(Ev("@b:x", n=1))  # another key, put while joining
+        gates[0].set()
+        await wait_for(started[1])
+        assert not joined.done()  # n=0 is done, n=1 is running
+        gates[1].set()
+        await wait_for(started[2])
+        assert not joined.done()  # n=2 arrived as the dispatcher went idle
+        gates[2].set()
+        assert await joined is True
+        assert handled == [0, 1, 2]
+    await assert_no_other_tasks()
+
+
+async def test_join_times_out_while_busy_and_the_dispatcher_goes_on() -> None:
+    d = Dispatcher(handler_timeout=None)
+    started, gate = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+
+    @d.on(Ev)
+    async def handler(event: Ev) -> None:
+        started.set()
+        await gate.wait()
+        handled.append(event.n)
+
+    await d.put(Ev("@a:x", n=1))
+    assert await d.join(timeout=0) is False  # queued, not started: nothing handles it
+    assert await d.join(timeout=0.01) is False
+    async with d:
+        await wait_for(started)
+        assert await d.join(timeout=0) is False
+        assert await d.join(timeout=0.01) is False
+        gate.set()
+        assert await d.join(timeout=BOUND) is True
+        assert handled == [1]
+    await assert_no_other_tasks()
+
+
+async def test_join_returns_when_close_abandons_the_work() -> None:
+    d = Dispatcher(concurrency=1, handler_timeout=None)
+    started = asyncio.Event()
+
+    @d.on(Ev)
+    async def handler(event: Ev) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with asyncio.timeout(BOUND):
+        await d.start()
+        await d.put(Ev("@a:x", n=0))
+        await d.put(Ev("@a:x", n=1))
+        await wait_for(started)
+        joined = asyncio.create_task(d.join())
+        summary = await d.close(timeout=0.01)
+        assert summary.abandoned == 2
+        assert await joined is True  # nothing is queued or in flight any more
+        assert await d.join(timeout=0)
+    await assert_no_other_tasks()
+
+
 # ---------------------------------------------------------------------------- put_raw
 
 

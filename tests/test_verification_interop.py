@@ -20,7 +20,7 @@ from bot_toolkit.verification import (
     VerificationPolicy,
 )
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
-from tests.nio_helpers import dispatcher_idle, stored_trust
+from tests.nio_helpers import stored_trust
 from tests.synapse import LocalSynapse
 from tests.verification_helpers import Bot, eventually, running_bot
 
@@ -138,8 +138,9 @@ async def test_peer_cancels_midway_no_reply(
         assert not cancelled.by_us and cancelled.code == "m.user"
         # No reply: once the bot is idle, a marker it sends afterwards reaches the peer, and
         # the outbox keeps per-device order, so a reply would have arrived before the marker.
-        await dispatcher_idle(bot.dispatcher, within=T)
-        await bot.outbox.send("org.example.marker", {peer.user_id: {peer.device_id: {"n": 1}}})
+        assert await bot.dispatcher.join(timeout=T)
+        peer_user, peer_device = _peer_dev(peer)
+        await bot.outbox.send("org.example.marker", {peer_user: {peer_device: {"n": 1}}})
         assert await bot.outbox.flush(T)
         await peer.wait_event(
             "to_device",
