@@ -91,12 +91,17 @@ def require_node_peer() -> None:
         )
 
 
-async def started_peer(synapse: Any, name: str, *, timeout: float = 60.0) -> JsPeer:
-    """A js peer logged in as a newly registered user of ``synapse`` and syncing.
+async def started_peer(
+    synapse: Any, name: str, *, user: Any = None, timeout: float = 60.0
+) -> JsPeer:
+    """A js peer logged in as ``user`` (default: a newly registered user of ``synapse``) and
+    syncing. Pass ``user`` (a :class:`tests.synapse.RegisteredUser`) when the test needs its
+    identity or token before the peer exists.
 
     The caller closes it (``await peer.close()``); on any failure here it is closed already.
     """
-    user = await asyncio.to_thread(synapse.register)
+    if user is None:
+        user = await asyncio.to_thread(synapse.register)
     peer = JsPeer(name)
     await peer.spawn()
     try:

@@ -22,16 +22,20 @@ the code under test through nio.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import vodozemac
+
+if TYPE_CHECKING:
+    from tests.synapse import LocalSynapse
 
 __all__ = ["RawDevice", "RawHttpError", "canonical_json"]
 
@@ -69,8 +73,9 @@ class RawHttpError(RuntimeError):
 class RawDevice:
     """One logged-in device of one user, driven by hand.
 
-    Construct it from an access token (``RawDevice(url, user_id, token, device_id)``) and
-    ``await close()`` it (or use ``async with``). Nothing is uploaded until a test asks.
+    Construct it from an access token (``RawDevice(url, user_id, token, device_id)``), or for
+    a new user with :meth:`registered`, and ``await close()`` it (or use ``async with``).
+    Nothing is uploaded until a test asks (or :meth:`registered` does).
     """
 
     def __init__(self, homeserver: str, user_id: str, access_token: str, device_id: str) -> None:
@@ -88,6 +93,32 @@ class RawDevice:
         # Olm sessions by the peer's curve25519 key, newest last.
         self.sessions: dict[str, list[vodozemac.Session]] = {}
         self._fallback_counter = 0
+
+    @classmethod
+    async def registered(
+        cls,
+        synapse: LocalSynapse,
+        localpart: str | None = None,
+        *,
+        one_time_keys: int = 0,
+        sync: bool = True,
+    ) -> RawDevice:
+        """The device of a user newly registered on ``synapse``, its device keys uploaded.
+
+        Uploads ``one_time_keys`` one-time keys with them (none by default, and never a
+        fallback key), then runs a first :meth:`sync` unless ``sync`` is false. The caller
+        closes the device; on any failure here it is closed already.
+        """
+        user = await asyncio.to_thread(synapse.register, localpart)
+        device = cls(synapse.url, user.user_id, user.access_token, user.device_id)
+        try:
+            await device.upload_keys(one_time_keys=one_time_keys)
+            if sync:
+                await device.sync()
+        except BaseException:
+            await device.close()
+            raise
+        return device
 
     async def __aenter__(self) -> RawDevice:
         return self

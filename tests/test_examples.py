@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nio import AsyncClient, AsyncClientConfig
 
-from tests.interop_peer import JsPeer, require_node_peer
-from tests.synapse import LocalSynapse, RegisteredUser
+from tests.interop_peer import JsPeer, require_node_peer, started_peer
+from tests.nio_helpers import stored_trust
+from tests.synapse import LocalSynapse
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "nio_bot.py"
@@ -87,22 +87,6 @@ class Output:
         self._task.cancel()
 
 
-def _peer_trusted_in_store(
-    store_dir: Path, bot: RegisteredUser, user_id: str, device_id: str
-) -> bool:
-    """Whether the example's nio store (on disk, after it exited) marks the peer verified."""
-    client = AsyncClient(
-        "http://127.0.0.1:1",
-        bot.user_id,
-        device_id=bot.device_id,
-        store_path=str(store_dir),
-        config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
-    )
-    # restore_login only loads the crypto store from disk; nothing is sent anywhere.
-    client.restore_login(bot.user_id, bot.device_id, "unused")
-    return bool(client.device_store[user_id][device_id].verified)
-
-
 @pytest.mark.synapse
 @pytest.mark.interop
 @pytest.mark.timeout(300)
@@ -134,12 +118,10 @@ async def test_example_is_verified_by_element_and_stops_cleanly(
     )
     assert proc.stdout is not None
     out = Output(proc.stdout)
-    peer = JsPeer("example-verifier")
+    peer: JsPeer | None = None
     try:
         await out.wait_for(lambda line: line.startswith("ready: verify"), "ready line")
-        await peer.spawn()
-        await peer.login(synapse.url, human.user_id, human.access_token, human.device_id)
-        await peer.start(timeout=T)
+        peer = await started_peer(synapse, "example-verifier", user=human, timeout=T)
         # Element ignores requests to and from devices whose keys it has not downloaded.
         devices = await peer.download_keys(bot.user_id, bot.device_id, timeout=T)
         assert any(d.get("device_id") == bot.device_id for d in devices), devices
@@ -174,7 +156,8 @@ async def test_example_is_verified_by_element_and_stops_cleanly(
             proc.kill()
             await proc.wait()
         await out.finish()
-        await peer.close()
+        if peer is not None:
+            await peer.close()
 
     text = out.text
     assert bot.access_token not in text
@@ -182,4 +165,11 @@ async def test_example_is_verified_by_element_and_stops_cleanly(
     for noise in ("Traceback", "Unclosed", "was destroyed", "never awaited"):
         assert noise not in text, text  # a clean shutdown leaves no leaked session or task
     # The bot's side of "both verified": nio's trust store on disk, read after the exit.
-    assert _peer_trusted_in_store(store_dir, bot, human.user_id, human.device_id)
+    assert stored_trust(
+        synapse.url,
+        bot.user_id,
+        bot.device_id,
+        bot.access_token,
+        store_dir,
+        devices=[(human.user_id, human.device_id)],
+    ) == [True]

@@ -20,17 +20,10 @@ from bot_toolkit.http_api import (
     make_app,
 )
 from bot_toolkit.metrics import Metrics
+from tests.fakes import FakeClock
 
 TOKEN = "s3cr3t-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -90,7 +83,7 @@ async def _client(
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     state = BotState(clock=clock)
     controller = FakeController()
     metrics = Metrics()

@@ -399,10 +399,8 @@ async def test_unverified_then_verified_real_nio_peer(
     peer = NioPeer(await make_client(synapse, tmp_path))
     # A verified device without one-time keys in the same room makes the bot re-share the
     # session on a later message, which meets the unverified peer a second time.
-    raw_user = synapse.register()
-    raw = RawDevice(synapse.url, raw_user.user_id, raw_user.access_token, raw_user.device_id)
+    raw = await RawDevice.registered(synapse, sync=False)  # no one-time keys
     try:
-        await raw.upload_keys()
         room_id = await _shared_room(bot, peer.client, raw)
         bot.client.verify_device(bot.client.olm.device_store[raw.user_id][raw.device_id])
         await bot.say(room_id, "secret one")
@@ -559,10 +557,7 @@ async def test_real_key_requests_get_unauthorised_and_unavailable(
 
 @pytest.fixture
 async def keyed_peer(synapse: LocalSynapse) -> AsyncIterator[RawDevice]:
-    user = synapse.register()
-    device = RawDevice(synapse.url, user.user_id, user.access_token, user.device_id)
-    await device.upload_keys(one_time_keys=5)
-    await device.sync()
+    device = await RawDevice.registered(synapse, one_time_keys=5)
     try:
         yield device
     finally:
@@ -615,11 +610,13 @@ async def test_received_no_olm_opens_a_session_and_sends_one_dummy_per_hour(
 async def test_a_session_the_peer_opens_allows_one_more_notice(
     synapse: LocalSynapse, tmp_path: Path
 ) -> None:
-    user = synapse.register()
-    peer = RawDevice(synapse.url, user.user_id, user.access_token, user.device_id)
-    bot = await BotProcess(synapse, synapse.register(), tmp_path / "bot").start()
+    peer = await RawDevice.registered(synapse, sync=False)  # no one-time keys
     try:
-        await peer.upload_keys()  # no one-time keys
+        bot = await BotProcess(synapse, synapse.register(), tmp_path / "bot").start()
+    except BaseException:
+        await peer.close()
+        raise
+    try:
         room_id = await room_with(bot, peer)
         await bot.say(room_id, "one")
         await peer.drain()

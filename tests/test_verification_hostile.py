@@ -43,17 +43,9 @@ async def bot(synapse: LocalSynapse, tmp_path: Path) -> AsyncIterator[Bot]:
         yield b
 
 
-async def _peer(synapse: LocalSynapse, localpart: str | None = None) -> RawDevice:
-    user = await asyncio.to_thread(synapse.register, localpart)
-    dev = RawDevice(synapse.url, user.user_id, user.access_token, user.device_id)
-    await dev.upload_keys()
-    await dev.sync()
-    return dev
-
-
 @pytest.fixture
 async def mallory(synapse: LocalSynapse) -> AsyncIterator[RawDevice]:
-    dev = await _peer(synapse)
+    dev = await RawDevice.registered(synapse)
     try:
         yield dev
     finally:
@@ -131,7 +123,7 @@ async def test_key_before_accept(bot: Bot, mallory: RawDevice) -> None:
 
 
 async def test_wrong_sender(synapse: LocalSynapse, bot: Bot, mallory: RawDevice) -> None:
-    alice = await _peer(synapse)
+    alice = await RawDevice.registered(synapse)
     try:
         await _ready_txn(alice, bot, "victim")
         await _send(mallory, bot, "key", {"transaction_id": "victim", "key": "abc"})
@@ -204,7 +196,7 @@ async def test_start_race_same_method(
     tag = secrets.token_hex(3)
     first, last = f"aaa_race_{tag}", f"zzz_race_{tag}"
     bot_user = await asyncio.to_thread(synapse.register, first if bot_wins else last)
-    mallory = await _peer(synapse, last if bot_wins else first)
+    mallory = await RawDevice.registered(synapse, last if bot_wins else first)
     try:
         async with running_bot(synapse, tmp_path, policy=_policy(), user=bot_user) as bot:
             assert ((bot.user_id, bot.device_id) < (mallory.user_id, mallory.device_id)) is bot_wins

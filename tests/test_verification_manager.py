@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from bot_toolkit.verification import (
     compute_commitment,
 )
 from bot_toolkit.verification.table import Party
+from tests.fakes import FakeClock
 from tests.verification_helpers import (
-    FakeClock,
     Side,
     auto_confirm,
     close_sides,
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(time.time())
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ from bot_toolkit.verification.table import (
     start_race,
     transition,
 )
+from tests.fakes import FakeClock
 
 S, In, C = State, Input, CancelCode
 
@@ -519,17 +520,6 @@ def test_classify_start() -> None:
 # Policy helpers, with injected clocks.
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 NOW = 1_700_000_000.0  # wall clock seconds
 NOW_MS = int(NOW * 1000)
 
@@ -558,7 +548,7 @@ def test_request_prompt_lapse() -> None:
 
 
 def test_timers_overall_timeout() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     timers = TransactionTimers(clock)
     txn = TransactionId("t1")
     timers.begin(txn)
@@ -574,7 +564,7 @@ def test_timers_overall_timeout() -> None:
 
 
 def test_timers_idle_timeout_and_touch() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     timers = TransactionTimers(clock, verification=600, idle=60)
     a, b = TransactionId("a"), TransactionId("b")
     timers.begin(a)
@@ -587,7 +577,7 @@ def test_timers_idle_timeout_and_touch() -> None:
 
 
 def test_timers_request_lapse() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     timers = TransactionTimers(clock)
     txn = TransactionId("r")
     timers.begin(txn, lapse_in=request_prompt_lapse(NOW_MS, NOW))
@@ -600,7 +590,7 @@ def test_timers_request_lapse() -> None:
 
 
 def test_timers_finished_ids_kept_then_forgotten() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     timers = TransactionTimers(clock)
     txn = TransactionId("f")
     timers.begin(txn)
@@ -618,7 +608,7 @@ def test_timers_finished_ids_kept_then_forgotten() -> None:
 
 
 def test_error_reply_limiter() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     limiter = ErrorReplyLimiter(limit=3, window=60, clock=clock)
     assert [limiter.allow(ALICE) for _ in range(5)] == [True, True, True, False, False]
     assert limiter.allow(BOT)  # another peer has its own budget
@@ -629,7 +619,7 @@ def test_error_reply_limiter() -> None:
 
 
 def test_error_reply_limiter_stops_a_loop_between_two_buggy_clients() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     ours = ErrorReplyLimiter(limit=5, window=60, clock=clock)
     sent = 0
     for _ in range(1_000):  # a peer that answers every cancel with an error
@@ -640,7 +630,7 @@ def test_error_reply_limiter_stops_a_loop_between_two_buggy_clients() -> None:
 
 
 def test_error_reply_limiter_bounded_memory() -> None:
-    limiter = ErrorReplyLimiter(limit=1, window=60, clock=FakeClock(), max_peers=2)
+    limiter = ErrorReplyLimiter(limit=1, window=60, clock=FakeClock(1_000.0), max_peers=2)
     peers = [Party(UserId(f"@u{i}:x"), DeviceId("D")) for i in range(3)]
     for p in peers:
         assert limiter.allow(p)

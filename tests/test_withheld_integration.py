@@ -38,10 +38,8 @@ async def bot(synapse: LocalSynapse, tmp_path: Path) -> AsyncIterator[BotProcess
 
 @pytest.fixture
 async def peer(synapse: LocalSynapse) -> AsyncIterator[RawDevice]:
-    user = synapse.register()
-    device = RawDevice(synapse.url, user.user_id, user.access_token, user.device_id)
-    await device.upload_keys()  # identity keys only: no one-time keys, no fallback key
-    await device.sync()
+    # identity keys only: no one-time keys, no fallback key
+    device = await RawDevice.registered(synapse)
     try:
         yield device
     finally:

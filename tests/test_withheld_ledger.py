@@ -29,23 +29,11 @@ from bot_toolkit.withheld import (
     WithheldMetrics,
     withheld_content,
 )
+from tests.fakes import FakeClock
 
 ALICE = PeerDevice("@alice:example.org", "ALICEDEV", "curveA")
 ALICE_NEW_KEY = PeerDevice("@alice:example.org", "ALICEDEV", "curveA2")
 BOB = PeerDevice("@bob:example.org", "BOBDEV", "curveB")
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Bot:
@@ -79,7 +67,7 @@ class Bot:
 
 @pytest.fixture
 async def bot(tmp_path: Path) -> AsyncIterator[Bot]:
-    b = Bot(tmp_path / "bot.sqlite3", FakeClock())
+    b = Bot(tmp_path / "bot.sqlite3", FakeClock(1_700_000_000.0))
     await b.start()
     yield b
     await b.store.close()

@@ -1,6 +1,6 @@
 """Helpers for the verification manager tests.
 
-Unit side (no network): :class:`FakeClock`, :class:`FakeKeys` (a :class:`KeySource`),
+Unit side (no network): :class:`FakeKeys` (a :class:`KeySource`),
 :class:`FakeOutbox` (records every send and can deliver it to another side's dispatcher) and
 :func:`make_side` / :func:`wire` to run two managers back to back.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +36,9 @@ from bot_toolkit.verification import (
     VerificationPolicy,
     VerificationRequested,
 )
+from tests.fakes import FakeClock
 
 # --------------------------------------------------------------------------------- unit fakes
-
-
-class FakeClock:
-    """A wall clock that only moves when told."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -237,14 +224,12 @@ async def settle(*sides: Side, rounds: int = 5) -> None:
     """Let the dispatchers drain (bounded): several passes of yielding, each ending only once
     every side's dispatcher has nothing queued or in flight (so a slow machine cannot make a
     check run before the work it checks)."""
-    from tests.nio_helpers import dispatcher_idle  # noqa: PLC0415
-
     for _ in range(rounds):
         for _ in range(20):
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
         for side in sides:
-            await dispatcher_idle(side.dispatcher, within=10.0)
+            assert await side.dispatcher.join(timeout=10.0), "dispatcher still busy after 10s"
 
 
 # --------------------------------------------------------------------------------- real bot
