@@ -39,6 +39,7 @@ __all__ = [
     "CloseSummary",
     "Dispatcher",
     "DispatcherClosed",
+    "HandlerCancelled",
     "HandlerTimeout",
 ]
 
@@ -61,6 +62,17 @@ _MAX_LOGGED_DECODE_ERRORS: Final = 1024
 
 class DispatcherClosed(RuntimeError):
     """Raised by ``put``/``put_nowait``/``start`` once :meth:`Dispatcher.close` has begun."""
+
+
+class HandlerCancelled(RuntimeError):
+    """A handler raised ``CancelledError`` although nothing cancelled it.
+
+    Treated like any other handler failure (logged, counted, passed to error handlers), so such a
+    handler cannot take its worker down with it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("handler raised CancelledError without being cancelled")
 
 
 class HandlerTimeout(TimeoutError):
@@ -615,14 +627,18 @@ class Dispatcher:
         A timeout comes back as :class:`HandlerTimeout`. Cancellation from outside propagates.
         """
         timeout = self.handler_timeout
+        task = asyncio.current_task()
+        assert task is not None
         if timeout is None:
             try:
                 await func(*args)
             except Exception as exc:
                 return exc
+            except asyncio.CancelledError:
+                if task.cancelling():  # really cancelled (close()): keep going out
+                    raise
+                return HandlerCancelled()
             return None
-        task = asyncio.current_task()
-        assert task is not None
         deadlines = self._deadlines
         deadlines[task] = task.get_loop().time() + timeout
         outcome: BaseException | None = None
@@ -640,6 +656,8 @@ class Dispatcher:
             return HandlerTimeout(timeout)
         if outcome is None or isinstance(outcome, Exception):
             return outcome
+        if isinstance(outcome, asyncio.CancelledError) and not task.cancelling():
+            return HandlerCancelled()
         raise outcome
 
     async def _watchdog(self, limit: float) -> None:

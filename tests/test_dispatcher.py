@@ -23,6 +23,7 @@ from bot_toolkit.dispatcher import (
     CloseSummary,
     Dispatcher,
     DispatcherClosed,
+    HandlerCancelled,
     HandlerTimeout,
 )
 from bot_toolkit.metrics import Metrics
@@ -937,3 +938,31 @@ async def test_put_raw_decode_errors_counted_and_logged_once(
     assert len(txn_messages) == 2  # the three identical errors logged once, plus the other one
     assert len(messages) == 4
     await assert_no_other_tasks()
+
+
+@pytest.mark.parametrize("handler_timeout", [None, 5.0])
+async def test_a_handler_raising_cancelled_error_does_not_kill_its_worker(
+    handler_timeout: float | None,
+) -> None:
+    d = Dispatcher(concurrency=1, handler_timeout=handler_timeout)
+    seen: list[str] = []
+    failures: list[BaseException] = []
+
+    async def rude(event: Ev) -> None:
+        seen.append(event.sender)
+        if event.sender == "@rude:x":
+            raise asyncio.CancelledError  # nothing cancelled it
+
+    @d.on_error(Exception)
+    async def record(event: object, exc: Exception) -> None:
+        failures.append(exc)
+
+    d.register(Ev, rude)
+    async with d:
+        await d.put(Ev("@rude:x"))
+        await d.put(Ev("@next:x"))  # only one worker: it must survive to handle this
+        assert await d.join(timeout=5)
+    assert seen == ["@rude:x", "@next:x"]
+    assert [type(f) for f in failures] == [HandlerCancelled]
+    errors = d.metrics.get("handler_errors_total")
+    assert errors is not None and errors.total() == 1
