@@ -40,7 +40,7 @@ def _tool() -> str:
     found = (
         os.environ.get("CONTAINER_CHECK")
         or shutil.which("container-check")
-        or "/work/shared/tools/container-check"
+        or str(Path(__file__).resolve().parents[2] / "shared" / "tools" / "container-check")
     )
     if not Path(found).is_file():
         pytest.fail(f"container-check not found (looked for {found}); set CONTAINER_CHECK")
