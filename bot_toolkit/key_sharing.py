@@ -249,7 +249,16 @@ class KeySharing:
         """Detach and wait for background ledger updates to finish."""
         self.detach()
         await self.flush()
-        if self._tasks:
+        await self.join()
+
+    @property
+    def busy(self) -> bool:
+        """Whether background work (ledger updates, ``m.dummy`` answers) is still running."""
+        return bool(self._tasks)
+
+    async def join(self) -> None:
+        """Wait until the background work running now, and any it starts, has finished."""
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def recover(self) -> int:

@@ -119,15 +119,12 @@ class BotProcess:
         """Wait (bounded) until the handlers have finished what the last sync fed them, and
         key sharing's background tasks too, both at the same time (either can make work for
         the other).
-
-        Key sharing has no public "idle" API: this reads its ``_tasks``.
         """
-        sharing: Any = self.sharing
         async with asyncio.timeout(within):
             while True:
                 assert await self.dispatcher.join()
-                if sharing._tasks:
-                    await asyncio.gather(*sharing._tasks, return_exceptions=True)
+                if self.sharing.busy:
+                    await self.sharing.join()
                 elif await self.dispatcher.join(timeout=0):
                     return
 
