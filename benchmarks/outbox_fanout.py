@@ -170,15 +170,20 @@ def _plan(devices: Sequence[Device], messages: int, run: str) -> list[dict[str, 
 async def _count_delivered(
     http: aiohttp.ClientSession, hs: str, devices: Sequence[Device], run: str, parallel: int
 ) -> tuple[int, int]:
-    """Drain every device's inbox with real /sync; returns (messages of this run, duplicates)."""
+    """Drain every device's inbox with real /sync; returns (messages of this run, duplicates).
+
+    Raises ``RuntimeError`` when a sync fails or an inbox is not drained within the bounded number
+    of syncs (a partial count would pass for lost messages).
+    """
     sem = asyncio.Semaphore(parallel)
     flt = json.dumps({"room": {"rooms": []}, "presence": {"types": []}})
+    max_syncs = 1000  # bounded; 100 to-device events per sync at most
 
     async def drain(dev: Device) -> tuple[int, int]:
         seen: dict[int, int] = {}
         since: str | None = None
         async with sem:
-            for _ in range(1000):  # bounded; 100 to-device events per sync at most
+            for _ in range(max_syncs):
                 params = {"filter": flt, "timeout": "0"}
                 if since:
                     params["since"] = since
@@ -187,6 +192,11 @@ async def _count_delivered(
                     params=params,
                     headers={"Authorization": f"Bearer {dev.token}"},
                 ) as resp:
+                    if resp.status != 200:
+                        text = (await resp.text())[:500]
+                        raise RuntimeError(
+                            f"/sync for {dev.user_id} {dev.device_id} -> {resp.status}: {text}"
+                        )
                     body = await resp.json()
                 since = body["next_batch"]
                 events = body.get("to_device", {}).get("events", [])
@@ -196,6 +206,11 @@ async def _count_delivered(
                         seen[n] = seen.get(n, 0) + 1
                 if not events:
                     break
+            else:
+                raise RuntimeError(
+                    f"the inbox of {dev.user_id} {dev.device_id} was not drained in {max_syncs} "
+                    f"syncs ({sum(seen.values())} messages of this run so far)"
+                )
         return sum(seen.values()), sum(c - 1 for c in seen.values())
 
     results = await asyncio.gather(*(drain(d) for d in devices))

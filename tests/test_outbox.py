@@ -7,6 +7,7 @@ without network (the HttpTransport tests at the end use a throwaway aiohttp serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -99,6 +100,53 @@ class FakeTime:
         self.sleeps.append(delay)
         self.now += delay
         await asyncio.sleep(0)
+
+
+class ManualTime:
+    """An injected clock and sleep where time moves only when the test calls :meth:`advance`.
+
+    A sleeper waits until the clock reaches its wake-up time, so the test can look at the outbox
+    while requests are held back (``FakeTime`` moves the clock at once, before anything else runs).
+    :meth:`until` waits, bounded, for a condition that sleepers or :meth:`poke` make true.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self._changed = asyncio.Condition()
+
+    def clock(self) -> float:
+        return self.now
+
+    @property
+    def sleeping(self) -> int:
+        return sum(not fut.done() for _, fut in self._sleepers)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + delay, fut))
+        self._wake_due()
+        await self.poke()
+        await fut
+
+    async def poke(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(predicate)
+
+    def advance(self, delta: float) -> None:
+        self.now += delta
+        self._wake_due()
+
+    def _wake_due(self) -> None:
+        for wake_at, fut in self._sleepers:
+            if wake_at <= self.now and not fut.done():
+                fut.set_result(None)
 
 
 class Sink:
@@ -280,27 +328,42 @@ async def test_429_retry_after_is_honoured(make_outbox: Any, fake_time: FakeTime
     assert metrics.get("outbox_retries_total").get("429") == 1  # type: ignore[union-attr]
 
 
-async def test_429_holds_back_other_requests_too(make_outbox: Any, fake_time: FakeTime) -> None:
-    gate = asyncio.Event()
+async def test_429_holds_back_other_requests_too(make_outbox: Any) -> None:
+    mt = ManualTime()
     first = True
 
-    async def decide(_e: str, _t: str, n: int) -> Outcome:
+    def decide(_e: str, _t: str, _n: int) -> Outcome:
         nonlocal first
         if first:
             first = False
             return TransientSendError("429", 3.0)
         return None
 
+    starts: list[tuple[str, float]] = []  # (txn_id, clock) at the start of every attempt
+
+    async def record(_e: str, txn: str, _m: ToDeviceMessages) -> None:
+        starts.append((txn, mt.now))
+        await mt.poke()
+
     t = FakeTransport(decide)
-    t.before = lambda *_: gate.wait()  # type: ignore[assignment, return-value]
-    ob = await make_outbox(t, concurrency=1, backoff_initial=0.01, backoff_max=0.01)
-    await ob.send("m.dummy", {"@a:x": {"A": {}}, "@b:x": {"B": {}}})  # one request
-    await ob.send("m.dummy", {"@c:x": {"C": {}}})  # an independent second request
-    gate.set()
+    t.before = record
+    # Two workers: one is free to take the second request while the first waits out its 429.
+    ob = await make_outbox(
+        t, concurrency=2, clock=mt.clock, sleep=mt.sleep, backoff_initial=0.01, backoff_max=0.01
+    )
+    [limited] = await ob.send("m.dummy", {"@a:x": {"A": {}}, "@b:x": {"B": {}}})
+    await mt.until(lambda: mt.sleeping == 1)  # it was answered 429 and waits for its retry
+    [other] = await ob.send("m.dummy", {"@c:x": {"C": {}}})  # no device in common
+    await mt.until(lambda: mt.sleeping == 2 or t.attempts[other] > 0)
+    assert t.attempts[other] == 0, "another request went out while the 429 was in force"
+    mt.advance(3.0)
     assert await ob.flush(5)
-    # The rate-limited request waited 3 s; nothing started again before the clock reached 3.
-    assert fake_time.sleeps[0] == 3.0
-    assert fake_time.now >= 3.0
+    # The rate-limited request waited 3 s, and so did the other request's first attempt.
+    assert mt.sleeps == [3.0, 3.0]
+    assert starts[0] == (limited, 0.0)
+    other_first = next(at for txn, at in starts if txn == other)
+    assert other_first >= 3.0
+    assert sorted(txn for txn, _ in starts) == sorted([limited, limited, other])
 
 
 async def test_backoff_grows_with_jitter_under_the_ceiling(
@@ -409,16 +472,55 @@ async def test_send_failed_reaches_real_dispatcher_handlers(make_outbox: Any) ->
 
 
 async def test_concurrency_bound_is_respected(make_outbox: Any) -> None:
-    t = FakeTransport(delay=0.002)
-    ob = await make_outbox(t, batch_size=1, concurrency=5)
+    bound, total = 5, 100
+    t = FakeTransport()
+    pool_full = asyncio.Condition()
+    gave_up: list[str] = []
+
+    async def hold(_e: str, txn: str, _m: ToDeviceMessages) -> None:
+        # Every attempt waits until `bound` attempts are in flight together (or every request
+        # has started, at the tail), so the outbox is always pushed to its limit and an outbox
+        # that allows more than `bound` gets to show it before anything finishes.
+        def full() -> bool:
+            return t.in_flight >= bound or len(t.calls) == total
+
+        if gave_up:
+            return
+        async with pool_full:
+            pool_full.notify_all()
+            try:
+                async with asyncio.timeout(5):
+                    await pool_full.wait_for(full)
+            except TimeoutError:
+                gave_up.append(txn)  # bounded: the assertions below report it
+
+    t.before = hold
+    ob = await make_outbox(t, batch_size=1, concurrency=bound)
     await ob.send("m.dummy", devices(10, 10))  # 100 independent requests
-    assert await ob.flush(10)
-    assert len(t.calls) == 100
-    assert t.max_in_flight == 5
+    assert await ob.flush(30)
+    assert gave_up == [], f"never {bound} attempts in flight at once (max {t.max_in_flight})"
+    assert len(t.calls) == total
+    assert t.max_in_flight == bound
 
 
 async def test_same_device_requests_go_in_order_others_in_parallel(make_outbox: Any) -> None:
-    t = FakeTransport(delay=0.001)
+    t = FakeTransport()
+    overlapped = asyncio.Event()
+    timed_out: list[str] = []
+
+    async def hold(_e: str, txn: str, _m: ToDeviceMessages) -> None:
+        # Attempts wait (bounded) until two are in flight together: requests with no device in
+        # common must be able to overlap. After that, nothing is held.
+        if t.in_flight >= 2:
+            overlapped.set()
+        try:
+            async with asyncio.timeout(5):
+                await overlapped.wait()
+        except TimeoutError:
+            timed_out.append(txn)
+            overlapped.set()  # report it below instead of stalling every later attempt
+
+    t.before = hold
     ob = await make_outbox(t, batch_size=2, concurrency=10)
     # Ten sends to the same three devices, mixing two event types, all arriving together.
     await asyncio.gather(
@@ -438,6 +540,7 @@ async def test_same_device_requests_go_in_order_others_in_parallel(make_outbox: 
         assert [i for _, _, i in seen] == list(range(10)), dev  # delivered in send() order
         for (_, end, _), (start, _, _) in itertools.pairwise(seen):
             assert end < start, dev  # the next one started only after the previous ended
+    assert timed_out == [], "no two requests were ever in flight together"
     assert t.max_in_flight >= 2  # requests with no device in common overlapped
 
 
@@ -577,21 +680,47 @@ async def test_oldest_pending_age_follows_the_oldest_request(
     assert ob.oldest_pending_age() is None
 
 
-async def test_shutdown_deadline_leaves_the_rest_persisted(make_outbox: Any, store: Store) -> None:
+async def test_shutdown_deadline_leaves_the_rest_persisted(
+    make_outbox: Any, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed = asyncio.Event()  # set after each commit of the store
+    real_transaction = store.transaction
+
+    @contextlib.asynccontextmanager
+    async def noted_transaction() -> AsyncIterator[Any]:
+        async with real_transaction() as conn:
+            yield conn
+        committed.set()
+
+    monkeypatch.setattr(store, "transaction", noted_transaction)
     accepted = 0
+    three_accepted = asyncio.Event()
+    never = asyncio.Event()
 
     async def some(*_: Any) -> Outcome:
         nonlocal accepted
         if accepted < 3:
             accepted += 1
             return None
-        await asyncio.sleep(60)
+        # One request at a time: the 4th attempt starts only after the 3rd was accepted.
+        three_accepted.set()
+        await never.wait()  # hangs until close() cancels it
         return None
 
     t = FakeTransport(some)
     ob = await make_outbox(t, batch_size=1, concurrency=1)
     txns = await ob.send("m.dummy", devices(1, 10))
-    assert await ob.close(deadline=0.3) == 7
+    assert len(txns) == 10
+    async with asyncio.timeout(10):
+        await three_accepted.wait()
+        # ... and their deletions are committed: read the store again after each commit.
+        while True:
+            committed.clear()
+            if [r[0] for r in await rows(store)] == txns[3:]:
+                break
+            await committed.wait()
+    # Nothing can finish in the deadline now: close() has only to stop and keep the rest.
+    assert await ob.close(deadline=0.05) == 7
     with pytest.raises(OutboxClosed):
         await ob.send("m.dummy", {"@a:x": {"D": {}}})
     left = [r[0] for r in await rows(store)]
@@ -716,6 +845,47 @@ def test_pack_properties(subs: list[tuple[str, dict[str, dict[str, Any]]]], batc
     if len(tagged) == 1:
         n = len(expected)
         assert len(planned) == math.ceil(n / batch)
+
+
+@pytest.mark.parametrize(
+    ("n", "batch"), [(1, 1), (1, 250), (7, 1), (7, 3), (9, 3), (10, 4), (250, 250), (251, 250)]
+)
+def test_pack_one_submission_uses_the_fewest_requests(n: int, batch: int) -> None:
+    msgs: dict[str, dict[str, Any]] = {f"@u{i % 3}:x": {} for i in range(n)}
+    for i in range(n):
+        msgs[f"@u{i % 3}:x"][f"D{i}"] = {"i": i}
+    planned, used_by = _pack([("m.a", msgs)], batch)
+    assert len(planned) == math.ceil(n / batch)
+    assert [p.count for p in planned] == [batch] * (n // batch) + ([n % batch] if n % batch else [])
+    assert used_by == [list(range(len(planned)))]
+
+
+def test_pack_several_submissions_of_one_type_share_requests() -> None:
+    # Ten submissions of three messages each, all to different devices, batch 7: 30 messages fit
+    # in ceil(30 / 7) = 5 requests, not one (or more) per submission.
+    subs: list[tuple[str, dict[str, dict[str, Any]]]] = [
+        ("m.a", {f"@u{k}:x": {f"D{k}_{j}": {} for j in range(3)}}) for k in range(10)
+    ]
+    planned, used_by = _pack(subs, 7)
+    assert len(planned) == 5
+    assert [p.count for p in planned] == [7, 7, 7, 7, 2]
+    assert any(len(used) > 1 for used in used_by)  # some submission spans two requests
+    assert len({i for used in used_by for i in used}) == 5
+    # Interleaving a second type keeps each type packed on its own.
+    mixed = [(etype, msgs) for _, msgs in subs for etype in ("m.a", "m.b")]
+    planned, _ = _pack(mixed, 7)
+    assert Multiset(p.event_type for p in planned) == {"m.a": 5, "m.b": 5}
+
+
+async def test_outbox_packs_several_sends_into_the_fewest_requests(make_outbox: Any) -> None:
+    t = FakeTransport()
+    ob = await make_outbox(t, batch_size=7)
+    results = await asyncio.gather(
+        *(ob.send("m.a", {f"@u{k}:x": {f"D{j}": {} for j in range(3)}}) for k in range(10))
+    )
+    assert await ob.flush(5)
+    assert len({txn for r in results for txn in r}) == len(t.calls) == 5
+    assert sorted(sum(len(d) for d in c[2].values()) for c in t.calls) == [2, 7, 7, 7, 7]
 
 
 # ------------------------------------------------------------------ HttpTransport

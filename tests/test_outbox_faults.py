@@ -8,7 +8,9 @@ evidence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -201,22 +203,52 @@ async def test_clean_run_delivers_each_message_once(
 
 
 async def test_429_with_retry_after_is_honoured(
-    world: World, proxy: FaultProxy, store: Store, http: aiohttp.ClientSession
+    world: World,
+    proxy: FaultProxy,
+    store: Store,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     run, metrics = secrets.token_hex(4), Metrics()
     proxy.plan.extend(
         [Fault.rate_limited(300), Fault.passthrough(), Fault.rate_limited(200)]
         + [Fault.rate_limited(100)] * 4
     )
-    await run_outbox(world, proxy, store, metrics, run=run, n_payloads=N)
+    with caplog.at_level(logging.INFO, logger="bot_toolkit.outbox"):
+        await run_outbox(world, proxy, store, metrics, run=run, n_payloads=N)
     assert proxy.counts["429"] == 6
     assert retries(metrics) == {"429": 6}
-    # Each rate-limited request came back no sooner than the server asked.
+    limited = [h for h in proxy.hits if h.fault.kind == "429"]
+    # Each 429 brought exactly one more attempt of the same request, and nothing else did: every
+    # request reached the proxy once, plus once per 429 it got.
+    passed = Counter(proxy.txn_ids("pass"))
+    assert set(passed) == set(proxy.txn_ids()) and set(passed.values()) == {1}
+    assert Counter(proxy.txn_ids()) == passed + Counter(h.txn_id for h in limited)
+    # The outbox logged one 429 retry per 429 the proxy sent, for the same request, with a delay
+    # of at least what that answer asked for.
+    logged: dict[str, list[float]] = {}
+    for r in caplog.records:
+        if r.name == "bot_toolkit.outbox" and "retrying in" in r.msg:
+            assert isinstance(r.args, tuple)
+            _etype, txn, _attempt, reason, _detail, delay = r.args
+            assert reason == "429", r.getMessage()
+            logged.setdefault(str(txn), []).append(float(delay))  # type: ignore[arg-type]
+    asked: dict[str, list[float]] = {}
+    for h in limited:
+        asked.setdefault(h.txn_id, []).append(h.fault.retry_after_ms / 1000)
+    assert logged.keys() == asked.keys()
+    for txn, delays in logged.items():
+        assert len(delays) == len(asked[txn])
+        assert all(d >= a for d, a in zip(delays, asked[txn], strict=True)), (txn, delays)
+    # At the server: each rate-limited request came back no sooner than it was asked to. Both
+    # times are the proxy's own time.monotonic() readings of arrivals, and this is a lower bound
+    # the protocol requires, not a performance limit: a slow machine only makes the gap longer.
+    # (The outbox starts its wait only after the 429 reached it, so there is no tolerance.)
     for i, hit in enumerate(proxy.hits):
         if hit.fault.kind != "429":
             continue
         later = next(h for h in proxy.hits[i + 1 :] if h.txn_id == hit.txn_id)
-        assert later.at - hit.at >= hit.fault.retry_after_ms / 1000 - 0.01
+        assert later.at - hit.at >= hit.fault.retry_after_ms / 1000, (hit, later)
     await assert_each_delivered_once(http, world, run, N)
 
 
@@ -315,28 +347,32 @@ async def test_processed_but_unacknowledged_requests_are_resent_with_same_ids(
     run = secrets.token_hex(4)
     proxy.policy = lambda _n: Fault.hold_response(30)
     store = await Store.open_in(tmp_path)
-    async with HttpTransport(proxy.url, world.bot.access_token) as transport:
-        first = Outbox(transport, store, Metrics(), batch_size=6, concurrency=4)
-        await first.start()
-        txns = await first.send(EVENT_TYPE, world.messages(run, 0))
-        assert len(txns) == 1
-        for _ in range(200):  # until Synapse has processed it
-            if proxy.hits and proxy.hits[0].forwarded:
-                break
-            await asyncio.sleep(0.05)
-        assert proxy.hits[0].forwarded and proxy.hits[0].upstream_status == 200
-        assert await first.close(deadline=0.2) == 1  # unacknowledged: stays persisted
-    await store.close()
+    try:
+        async with HttpTransport(proxy.url, world.bot.access_token) as transport:
+            first = Outbox(transport, store, Metrics(), batch_size=6, concurrency=4)
+            await first.start()
+            txns = await first.send(EVENT_TYPE, world.messages(run, 0))
+            assert len(txns) == 1
+            for _ in range(200):  # bounded: until Synapse has processed it
+                if proxy.hits and proxy.hits[0].forwarded:
+                    break
+                await asyncio.sleep(0.05)
+            assert proxy.hits[0].forwarded and proxy.hits[0].upstream_status == 200
+            assert await first.close(deadline=0.2) == 1  # unacknowledged: stays persisted
+    finally:
+        await store.close()
 
     proxy.policy = None
     proxy.release()
     store = await Store.open_in(tmp_path)
-    async with HttpTransport(proxy.url, world.bot.access_token) as transport:
-        second = Outbox(transport, store, Metrics())
-        assert await second.start() == 1
-        assert await second.flush(30)
-        await second.close()
-    await store.close()
+    try:
+        async with HttpTransport(proxy.url, world.bot.access_token) as transport:
+            second = Outbox(transport, store, Metrics())
+            assert await second.start() == 1
+            assert await second.flush(30)
+            await second.close()
+    finally:
+        await store.close()
     await assert_each_delivered_once(http, world, run, 1)
     assert proxy.txn_ids() == txns * 2
 
@@ -370,33 +406,62 @@ CHILD = Path(__file__).with_name("outbox_crash_child.py")
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+@dataclass
+class Child:
+    """A child process whose stdout and stderr go to files (no pipe can fill up and stall it)."""
+
+    proc: asyncio.subprocess.Process
+    stdout: Path
+    stderr: Path
+
+    def tail(self) -> str:
+        out = self.stdout.read_text(errors="replace")[-1000:]
+        err = self.stderr.read_text(errors="replace")[-3000:]
+        return f"stdout: {out}\nstderr: {err}"
+
+
 async def _spawn(
-    phase: str, proxy: FaultProxy, world: World, store: Path, plan: Path | None
-) -> Any:
+    phase: str, proxy: FaultProxy, world: World, store: Path, plan: Path | None, *, logs: Path
+) -> Child:
     args = [str(CHILD), phase, "--homeserver", proxy.url, "--store", str(store)]
     if plan is not None:
         args += ["--plan", str(plan)]
     env = {**os.environ, "BOT_TOOLKIT_TEST_TOKEN": world.bot.access_token}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    stdout, stderr = logs / f"{phase}.stdout", logs / f"{phase}.stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *args, stdout=out, stderr=err, env=env
+        )
+    return Child(proc, stdout, stderr)
 
 
-async def _read_line(proc: Any, prefix: str, within: float = 60.0) -> str:
-    async with asyncio.timeout(within):
-        while True:
-            raw = await proc.stdout.readline()
-            if not raw:
-                err = (await proc.stderr.read()).decode(errors="replace")[-3000:]
-                raise AssertionError(f"child ended before {prefix!r}: {err}")
-            line = raw.decode().strip()
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
+async def _read_line(child: Child, prefix: str, within: float = 60.0) -> str:
+    """The rest of the child's first stdout line starting with ``prefix`` (bounded wait).
+
+    The child flushes each line as it prints it; the file is read again after each short wait
+    for the child to exit, until the line is there, the child ended without it, or time is up.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        ended = child.proc.returncode is not None  # read after this: nothing more can come
+        # Only complete lines: the last piece may still be being written.
+        for raw in child.stdout.read_text(errors="replace").split("\n")[:-1]:
+            if raw.startswith(prefix):
+                return raw[len(prefix) :].strip()
+        if ended:
+            raise AssertionError(f"child ended before {prefix!r}: {child.tail()}")
+        if loop.time() > deadline:
+            raise AssertionError(f"no {prefix!r} from the child within {within}s: {child.tail()}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(child.proc.wait()), 0.05)
+
+
+async def _stop(child: Child) -> None:
+    if child.proc.returncode is None:
+        child.proc.kill()
+        await child.proc.wait()
 
 
 async def test_sigkill_mid_flight_then_restart_delivers_everything_once(
@@ -415,7 +480,7 @@ async def test_sigkill_mid_flight_then_restart_delivers_everything_once(
     )
     proxy.policy = lambda _n: Fault.stall(60)
 
-    child = await _spawn("send", proxy, world, store, plan)
+    child = await _spawn("send", proxy, world, store, plan, logs=tmp_path)
     try:
         enqueued = json.loads(await _read_line(child, "ENQUEUED"))
         assert len(enqueued) == 30
@@ -426,12 +491,10 @@ async def test_sigkill_mid_flight_then_restart_delivers_everything_once(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f"requests never got in flight: {proxy.counts}")
-        child.send_signal(signal.SIGKILL)
-        assert await asyncio.wait_for(child.wait(), 30) == -signal.SIGKILL
+        child.proc.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(child.proc.wait(), 30) == -signal.SIGKILL
     finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
+        await _stop(child)
 
     first_run_txns = proxy.txn_ids()
     processed_unacked = proxy.txn_ids("hold_response")
@@ -443,15 +506,13 @@ async def test_sigkill_mid_flight_then_restart_delivers_everything_once(
     proxy.plan.clear()
     proxy.policy = None
     proxy.release()
-    again = await _spawn("recover", proxy, world, store, None)
+    again = await _spawn("recover", proxy, world, store, None, logs=tmp_path)
     try:
         assert int(await _read_line(again, "RECOVERED")) == len(persisted)
         assert await _read_line(again, "FLUSHED") == "true"
-        assert await asyncio.wait_for(again.wait(), 30) == 0
+        assert await asyncio.wait_for(again.proc.wait(), 30) == 0, again.tail()
     finally:
-        if again.returncode is None:
-            again.kill()
-            await again.wait()
+        await _stop(again)
 
     await assert_each_delivered_once(http, world, run, n)
     resent = proxy.txn_ids()[len(first_run_txns) :]
