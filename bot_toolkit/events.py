@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
 import msgspec
+
+from bot_toolkit.codes import CancelCode, WithheldCode
 
 __all__ = [
     "CancelCode",
@@ -66,41 +67,6 @@ _REDACTED = "<redacted>"
 
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 """JSON-schema ``format: int64``."""
-
-
-class CancelCode(StrEnum):
-    """Known ``m.key.verification.cancel`` codes. The ``code`` field itself is a plain ``str``.
-
-    https://spec.matrix.org/latest/client-server-api/#mkeyverificationcancel
-    """
-
-    USER = "m.user"
-    TIMEOUT = "m.timeout"
-    UNKNOWN_TRANSACTION = "m.unknown_transaction"
-    UNKNOWN_METHOD = "m.unknown_method"
-    UNEXPECTED_MESSAGE = "m.unexpected_message"
-    KEY_MISMATCH = "m.key_mismatch"
-    USER_MISMATCH = "m.user_mismatch"
-    INVALID_MESSAGE = "m.invalid_message"
-    ACCEPTED = "m.accepted"
-    MISMATCHED_COMMITMENT = "m.mismatched_commitment"
-    MISMATCHED_SAS = "m.mismatched_sas"
-
-
-class WithheldCode(StrEnum):
-    """Known ``m.room_key.withheld`` codes. The ``code`` field itself is a plain ``str``.
-
-    ``m.history_not_shared`` belongs to room key bundles and should not be sent in
-    ``m.room_key.withheld``; it is listed so that a received one is recognised.
-    https://spec.matrix.org/latest/client-server-api/#mroom_keywithheld
-    """
-
-    BLACKLISTED = "m.blacklisted"
-    UNVERIFIED = "m.unverified"
-    UNAUTHORISED = "m.unauthorised"
-    UNAVAILABLE = "m.unavailable"
-    NO_OLM = "m.no_olm"
-    HISTORY_NOT_SHARED = "m.history_not_shared"
 
 
 class DecodeError(ValueError):

@@ -43,6 +43,7 @@ from types import MappingProxyType
 from typing import Final, NamedTuple
 
 from .._types import DeviceId, UserId
+from ..codes import CancelCode
 
 __all__ = [
     "ALWAYS_INPUTS",
@@ -173,26 +174,6 @@ class Input(enum.Enum):
     LOCAL_CANCEL = "local_cancel"
     """The user or policy cancels; in ``NEW`` it refuses the inbound request/start."""
     TIMEOUT = "timeout"
-
-
-class CancelCode(enum.StrEnum):
-    """The ``m.key.verification.cancel`` codes this table sends.
-
-    Same values as :class:`bot_toolkit.events.CancelCode` (which this module must not import);
-    both are ``StrEnum`` so either compares equal to the wire string.
-    """
-
-    USER = "m.user"
-    TIMEOUT = "m.timeout"
-    UNKNOWN_TRANSACTION = "m.unknown_transaction"
-    UNKNOWN_METHOD = "m.unknown_method"
-    UNEXPECTED_MESSAGE = "m.unexpected_message"
-    KEY_MISMATCH = "m.key_mismatch"
-    USER_MISMATCH = "m.user_mismatch"
-    INVALID_MESSAGE = "m.invalid_message"
-    ACCEPTED = "m.accepted"
-    MISMATCHED_COMMITMENT = "m.mismatched_commitment"
-    MISMATCHED_SAS = "m.mismatched_sas"
 
 
 # --------------------------------------------------------------------------------------------
