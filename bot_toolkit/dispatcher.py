@@ -373,18 +373,23 @@ class Dispatcher:
         WARNING once per distinct (event type, path, reason). ``DispatcherClosed`` still raises.
         """
         # imported lazily: nothing else in the dispatcher needs the event schema
-        from bot_toolkit.events import DecodeError, decode  # noqa: PLC0415
+        from bot_toolkit.events import DecodeError, decode, event_type_label  # noqa: PLC0415
 
         try:
             event = decode(raw, decrypted_from=decrypted_from)
         except DecodeError as exc:  # decode() raises nothing else
-            self._decode_failed(exc.event_type or "<unknown>", exc.path, exc.reason)
+            self._decode_failed(
+                event_type_label(exc.event_type),
+                exc.event_type or "<unknown>",
+                exc.path,
+                exc.reason,
+            )
             return None
         await self.put(event)
         return event
 
-    def _decode_failed(self, event_type: str, path: str, reason: str) -> None:
-        self._m_decode.inc(event_type)
+    def _decode_failed(self, label: str, event_type: str, path: str, reason: str) -> None:
+        self._m_decode.inc(label)  # the raw type is sender-chosen: never a label
         seen = self._logged_decode_errors
         triple = (event_type, path, reason)
         if triple in seen:

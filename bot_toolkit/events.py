@@ -27,6 +27,7 @@ import msgspec
 from bot_toolkit.codes import CancelCode, WithheldCode
 
 __all__ = [
+    "KNOWN_EVENT_TYPES",
     "CancelCode",
     "DecodeError",
     "Dummy",
@@ -59,6 +60,7 @@ __all__ = [
     "WithheldCode",
     "decode",
     "encode_content",
+    "event_type_label",
 ]
 
 logger = logging.getLogger("bot_toolkit.events")
@@ -651,6 +653,19 @@ _SPECIAL: dict[str, _Decoder] = {
     "m.secret.request": _decode_secret_request,
     "m.room.encrypted": _decode_encrypted,
 }
+
+KNOWN_EVENT_TYPES: frozenset[str] = frozenset([*_VERIFICATION, *_PLAIN, *_SPECIAL])
+"""Every to-device event type :func:`decode` has a class for."""
+
+
+def event_type_label(event_type: str | None) -> str:
+    """``event_type`` when it is a known type, else ``"other"``: safe as a metric label.
+
+    The type of a to-device event is chosen by its sender; used raw as a label, a hostile peer
+    could create unbounded metric series.
+    """
+    return event_type if event_type in KNOWN_EVENT_TYPES else "other"
+
 
 _JSON_TYPES: dict[type, str] = {
     dict: "object",

@@ -117,13 +117,6 @@ _OLM_ALGORITHM: Final = "m.olm.v1.curve25519-aes-sha2"
 _MAX_LOGGED_DECODE_ERRORS: Final = 256
 """Distinct (event type, path, reason) decode errors logged; later new ones are only counted."""
 
-_KNOWN_TYPES: Final = frozenset(
-    t
-    for name in _events.__all__
-    if isinstance(t := getattr(getattr(_events, name), "event_type", None), str) and t
-)
-"""Event types used as metric labels; any other (sender-chosen) type is labelled ``other``."""
-
 _MARK: Final = "_bot_toolkit_plugin"
 """Attribute on our client wrapper naming its plugin (finds a plugin already attached)."""
 
@@ -522,7 +515,7 @@ class NioPlugin:
     def _decode_failed(self, raw: dict[str, Any], exc: DecodeError) -> None:
         """Count and (once per distinct error) log a decode failure."""
         event_type = exc.event_type or "<unknown>"
-        self._m_decode.inc(event_type if event_type in _KNOWN_TYPES else "other")
+        self._m_decode.inc(_events.event_type_label(event_type))
         triple = (event_type[:100], exc.path, exc.reason)
         seen = self._logged_decode_errors
         if triple not in seen and len(seen) < _MAX_LOGGED_DECODE_ERRORS:

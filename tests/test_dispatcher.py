@@ -928,15 +928,20 @@ async def test_put_raw_decode_errors_counted_and_logged_once(
             assert await d.put_raw(_request(txn=None)) is None  # another reason
             assert await d.put_raw(b"{not json") is None
             assert await d.put_raw(b"[]") is None
+            # A sender-chosen type never becomes a label of its own.
+            assert await d.put_raw({"type": ["x" * 200], "sender": "@a:x", "content": {}}) is None
     assert counter_value(d, "decode_errors_total", "m.key.verification.request") == 4
-    assert counter_value(d, "decode_errors_total", "<unknown>") == 2
+    assert counter_value(d, "decode_errors_total", "other") == 3
+    errors = d.metrics.get("decode_errors_total")
+    assert errors is not None
+    assert {labels for labels in errors.series()} == {("m.key.verification.request",), ("other",)}
     records = [r for r in caplog.records if r.name == "bot_toolkit.dispatcher"]
     assert all(r.levelno == logging.WARNING for r in records)
     assert isinstance(records[0].args, tuple)  # lazy % formatting
     messages = [r.getMessage() for r in records]
     txn_messages = [m for m in messages if "transaction_id" in m]
     assert len(txn_messages) == 2  # the three identical errors logged once, plus the other one
-    assert len(messages) == 4
+    assert len(messages) == 5  # + the one with a non-string type
     await assert_no_other_tasks()
 
 

@@ -45,6 +45,7 @@ from bot_toolkit import (
     decode,
     encode_content,
 )
+from bot_toolkit.events import KNOWN_EVENT_TYPES, event_type_label
 
 SENDER = "@alice:example.org"
 TXN = "S0meUniqueAndOpaqueString"
@@ -994,3 +995,11 @@ def test_outbound_constructors() -> None:
     }
 
     assert encode_content(Dummy(sender="@bot:example.org")) == {}
+
+
+def test_event_type_label_keeps_known_types_only() -> None:
+    assert event_type_label("m.key.verification.start") == "m.key.verification.start"
+    assert event_type_label("org.matrix.room_key.withheld") == "org.matrix.room_key.withheld"
+    assert event_type_label("org.example.whatever") == "other"
+    assert event_type_label(None) == "other"
+    assert "m.room.encrypted" in KNOWN_EVENT_TYPES
