@@ -151,15 +151,32 @@ def _timestamp(record: logging.LogRecord) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
+_CONTROL = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c != 0x09})
+
+
+def _one_line(text: str) -> str:
+    """Escape control characters (newlines included) so a message stays one log line.
+
+    Log messages carry peer-chosen strings (transaction ids, cancel codes, event types); raw, a
+    newline in one of them would let a peer write lines that look like the bot's own.
+    """
+    return text.translate(_CONTROL)
+
+
 class TextFormatter(logging.Formatter):
-    """``<ts> <LEVEL> <logger>: <message> key=value ...`` with the traceback on following lines."""
+    """``<ts> <LEVEL> <logger>: <message> key=value ...`` with the traceback on following lines.
+
+    Control characters in the message are escaped (``\\x0a``), so one record is one line,
+    followed only by its own traceback.
+    """
 
     def __init__(self, redactor: Redactor | None = None) -> None:
         super().__init__()
         self.redactor = redactor or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname:<8} {record.name}: {record.getMessage()}"
+        message = _one_line(record.getMessage())
+        line = f"{_timestamp(record)} {record.levelname:<8} {record.name}: {message}"
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={v!r}" for k, v in extras.items())

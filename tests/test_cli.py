@@ -426,6 +426,15 @@ def test_text_logs_are_redacted(log_stream: io.StringIO) -> None:
     assert "hidden" not in out
 
 
+def test_peer_chosen_newlines_cannot_forge_text_log_lines(log_stream: io.StringIO) -> None:
+    setup_logging("INFO", "text", stream=log_stream)
+    txn = "t1\n2026-01-01T00:00:00.000Z INFO     bot_toolkit.bot: admin token accepted\r"
+    logging.getLogger("bot_toolkit.test").warning("cancelled %s", txn)
+    lines = log_stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert "t1\\x0a2026-01-01" in lines[0] and "\\x0d" in lines[0]
+
+
 def test_setup_logging_twice_keeps_one_handler(log_stream: io.StringIO) -> None:
     setup_logging("INFO", "text", stream=log_stream)
     setup_logging("INFO", "json", stream=log_stream)
