@@ -701,7 +701,7 @@ class KeySharing:
                 own_user_id=own_user,
                 requester_user_id=event.sender,
                 requester=trust,
-                have_session=_holds_session(olm, event),
+                have_session=lambda: _holds_session(olm, event),
             )
         except WithheldError as refusal:
             await self._reply(event, refusal)
@@ -760,10 +760,23 @@ def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:
     body = event.body
     if body.algorithm != "m.megolm.v1.aes-sha2":
         return False
-    store = olm.inbound_group_store
+    by_sender = _room_sessions(olm.inbound_group_store, body.room_id)
     if body.sender_key:
-        return store.get(body.room_id, body.sender_key, body.session_id) is not None
-    return any(body.session_id in sessions for sessions in store[body.room_id].values())
+        return body.session_id in by_sender.get(body.sender_key, {})
+    return any(body.session_id in sessions for sessions in by_sender.values())
+
+
+def _room_sessions(store: Any, room_id: str) -> Mapping[str, Mapping[str, Any]]:
+    """The inbound Megolm sessions of ``room_id`` (sender key -> session id -> session), read
+    without writing.
+
+    nio 0.26's ``GroupSessionStore.get()`` and ``__getitem__`` index nested ``defaultdict``s, so
+    every look-up of an unknown room or sender key inserts an empty entry that is never removed:
+    driven by received key requests, that is memory anyone can make the bot spend. This reads
+    nio's internal ``_entries`` with ``dict.get`` instead; the only nio-internal access here.
+    """
+    entries: Mapping[str, Mapping[str, Mapping[str, Any]]] = store._entries
+    return entries.get(room_id, {})
 
 
 def _sender_device(olm: Any, event: RoomKeyWithheld) -> Any:

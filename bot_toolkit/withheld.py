@@ -305,14 +305,15 @@ class SharingPolicy:
         own_user_id: str,
         requester_user_id: str,
         requester: DeviceTrust | None,
-        have_session: bool,
+        have_session: bool | Callable[[], bool],
     ) -> None:
         """Decide an incoming ``m.room_key_request``.
 
         ``requester`` is ``None`` when the requesting device is unknown. Returns when the request
         may be served (nio serves it); raises :class:`WithheldError` with ``m.unauthorised`` or
         ``m.unavailable`` otherwise. Authorisation is checked first, so an unauthorised requester
-        never learns whether the bot holds the key.
+        never learns whether the bot holds the key. ``have_session`` may be a callable: it is
+        called only for an authorised requester (the look-up costs nothing for anyone else).
         """
         if (
             requester_user_id != own_user_id
@@ -321,7 +322,8 @@ class SharingPolicy:
             or not requester.verified
         ):
             raise WithheldError(WithheldCode.UNAUTHORISED)
-        if not have_session:
+        held = have_session() if callable(have_session) else have_session
+        if not held:
             raise WithheldError(WithheldCode.UNAVAILABLE)
 
 

@@ -291,6 +291,45 @@ async def test_key_requests_are_answered_only_where_nio_does_not(offline: Offlin
     await sharing.close()
 
 
+def _group_store_shape(olm: Any) -> dict[str, dict[str, int]]:
+    """nio's inbound Megolm store as room -> sender key -> number of sessions."""
+    entries = olm.inbound_group_store._entries
+    return {room: {key: len(s) for key, s in by.items()} for room, by in entries.items()}
+
+
+async def test_key_requests_do_not_grow_nios_session_store(offline: Offline) -> None:
+    olm = offline.olm
+    sharing = await key_sharing.attach(
+        offline.client, store=offline.store, outbox=FakeOutbox(), dispatcher=offline.dispatcher
+    )
+    mine, _ = offline.add_device(BOT, "OTHERDEV")
+    olm.verify_device(mine)
+    before = _group_store_shape(olm)
+
+    def request(sender: str, device_id: str, n: int, *, sender_key: bool) -> RoomKeyRequest:
+        return RoomKeyRequest(
+            sender=sender,
+            body=RequestedKeyInfo(
+                algorithm="m.megolm.v1.aes-sha2",
+                room_id=f"!random{n}:example.org",
+                session_id=f"session{n}",
+                sender_key=f"curve{n}" if sender_key else None,
+            ),
+            requesting_device_id=device_id,
+            request_id=f"req{n}",
+        )
+
+    # Unauthorised requesters: nio's store is never even looked at.
+    for n in range(1000):
+        await sharing._on_key_request(request("@eve:example.org", "EVE", n, sender_key=n % 2 == 0))
+    assert _group_store_shape(olm) == before
+    # An authorised one, for rooms and sender keys nio has never seen: looked up, not inserted.
+    for n in range(1000, 1010):
+        await sharing._on_key_request(request(BOT, "OTHERDEV", n, sender_key=n % 2 == 0))
+    assert _group_store_shape(olm) == before
+    await sharing.close()
+
+
 async def test_key_requests_left_alone_when_the_policy_says_so(offline: Offline) -> None:
     outbox = FakeOutbox()
     sharing = await key_sharing.attach(
