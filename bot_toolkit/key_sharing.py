@@ -732,8 +732,21 @@ class KeySharing:
                 "m.no_olm from %s %s: m.dummy sent within the hour", peer.user_id, peer.device_id
             )
             return
+        try:
+            sent = await self._open_and_send_dummy(olm, device, peer)
+        except BaseException:
+            await self._release_dummy(peer)
+            raise
+        if not sent:
+            await self._release_dummy(peer)
+
+    async def _open_and_send_dummy(self, olm: Any, device: Any, peer: PeerDevice) -> bool:
+        """Claim a one-time key of ``device``, open a session and send it ``m.dummy``.
+
+        False when no new session could be opened (nothing was sent).
+        """
         before = olm.session_store.get(device.curve25519)
-        await client.keys_claim({device.user_id: [device.device_id]})
+        await self.client.keys_claim({device.user_id: [device.device_id]})
         session = olm.session_store.get(device.curve25519)
         if session is None or session is before:
             self._m_dummy.inc("no_key")
@@ -742,11 +755,19 @@ class KeySharing:
                 peer.user_id,
                 peer.device_id,
             )
-            return
+            return False
         envelope = olm._olm_encrypt(session, device, "m.dummy", {})
         await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
         self._m_dummy.inc("sent")
         log.info("opened an Olm session with %s %s and sent m.dummy", peer.user_id, peer.device_id)
+        return True
+
+    async def _release_dummy(self, peer: PeerDevice) -> None:
+        """Give the hour's ``m.dummy`` slot of ``peer`` back: nothing was sent."""
+        try:
+            await self._throttle.release(peer)
+        except Exception:
+            self._error("dummy_release")
 
 
 # ---------------------------------------------------------------------------------------------

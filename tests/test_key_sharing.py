@@ -344,6 +344,81 @@ async def test_key_requests_left_alone_when_the_policy_says_so(offline: Offline)
     await sharing.close()
 
 
+class FlakyOutbox(FakeOutbox):
+    """A :class:`FakeOutbox` whose next ``failures`` sends raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    async def send(
+        self,
+        event_type: str,
+        messages: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        *,
+        txn_id: str | None = None,
+    ) -> list[str]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("outbox down")
+        return await super().send(event_type, messages, txn_id=txn_id)
+
+
+def _no_olm(device: OlmDevice) -> RoomKeyWithheld:
+    return RoomKeyWithheld(
+        sender=device.user_id,
+        algorithm="m.megolm.v1.aes-sha2",
+        sender_key=device.curve25519,
+        code=WithheldCode.NO_OLM,
+        from_device=device.device_id,
+    )
+
+
+async def test_the_dummy_slot_is_given_back_when_nothing_was_sent(offline: Offline) -> None:
+    device, account = offline.add_device("@p:example.org", "PDEV")
+    claim = {"key": False, "raise": False}
+
+    async def keys_claim(user_set: Mapping[str, Any]) -> Any:
+        if claim["raise"]:
+            raise OSError("homeserver unreachable")
+        if claim["key"]:
+            account.generate_one_time_keys(1)
+            otk = next(iter(account.one_time_keys.values())).to_base64()
+            account.mark_keys_as_published()
+            offline.olm.create_session(otk, device.curve25519)
+        return "an error response"
+
+    setattr(offline.client, "keys_claim", keys_claim)  # noqa: B010 (wrapped by attach below)
+    outbox = FlakyOutbox()
+    sharing = await key_sharing.attach(
+        offline.client, store=offline.store, outbox=outbox, dispatcher=offline.dispatcher
+    )
+    dummies = offline.metrics.get("withheld_dummy_total")
+    assert dummies is not None
+
+    # No one-time key: nothing sent, so the next m.no_olm may try again within the hour.
+    await sharing._on_withheld(_no_olm(device))
+    assert dummies.get("no_key") == 1
+    # The claim itself raises: the slot is given back too.
+    claim["raise"] = True
+    with pytest.raises(OSError):
+        await sharing._on_withheld(_no_olm(device))
+    claim["raise"] = False
+    # A session is opened but the outbox fails: still nothing sent, slot given back.
+    claim["key"] = True
+    outbox.failures = 1
+    with pytest.raises(OSError):
+        await sharing._on_withheld(_no_olm(device))
+    assert outbox.sent == []
+    # Now it goes out; and only then is the peer throttled for the hour.
+    await sharing._on_withheld(_no_olm(device))
+    assert [t for t, _, _ in outbox.sent] == ["m.room.encrypted"]
+    await sharing._on_withheld(_no_olm(device))
+    assert (dummies.get("sent"), dummies.get("throttled")) == (1, 1)
+    assert len(outbox.sent) == 1
+    await sharing.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # against the real Synapse
 
