@@ -46,6 +46,7 @@ import secrets
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
@@ -86,6 +87,7 @@ __all__ = [
     "Session",
     "format_sas",
     "run_bot",
+    "sas_notice",
 ]
 
 log = logging.getLogger("bot_toolkit.bot")
@@ -204,6 +206,28 @@ class _ControllerProxy:
         if self.manager is None:
             raise KeyError(verification_id)
         return await self.manager.cancel(verification_id)
+
+
+def sas_notice(event: SasReady) -> dict[str, str]:
+    """The ``m.notice`` content that shows a SAS to the person verifying the bot.
+
+    Plain text plus HTML; every value that goes into the HTML is escaped (the device id is the
+    peer's choice).
+    """
+    text = (
+        f"Verification {event.transaction_id} with your device {event.device_id}: "
+        f"compare with your screen: {format_sas(event.emoji, event.decimals)}"
+    )
+    content = {"msgtype": "m.notice", "body": text}
+    html_emoji = "<br>".join(f"{escape(e)} {escape(name)}" for e, name in event.emoji)
+    if html_emoji:
+        numbers = " ".join(str(d) for d in event.decimals or ())
+        content["format"] = "org.matrix.custom.html"
+        content["formatted_body"] = (
+            f"Verification with your device {escape(event.device_id)}:<br>{html_emoji}"
+            + (f"<br>{numbers}" if numbers else "")
+        )
+    return content
 
 
 def _describe(exc: BaseException) -> str:
@@ -534,6 +558,14 @@ class Bot:
         v = self.config.verification
         confirm = self._confirm_override
         if confirm is None and v.confirm == "auto":
+            # SAS protects against a man in the middle only if someone compares the strings.
+            # "auto" compares nothing, and a DM with the SAS travels through the same
+            # homeserver as the key exchange; say so once, loudly.
+            log.warning(
+                "verification.confirm = auto: the bot confirms every SAS of an allowed user "
+                "without comparing it; this does not protect against a malicious homeserver or "
+                "anyone who can add devices to those users. Use 'operator' where that matters."
+            )
 
             async def auto(prompt: SasPrompt) -> bool:
                 ok = v.allows(prompt.user_id)
@@ -689,22 +721,9 @@ class Bot:
     # ------------------------------------------------------------------ SAS in a DM
 
     async def _post_sas(self, event: SasReady) -> None:
-        text = (
-            f"Verification {event.transaction_id} with your device {event.device_id}: "
-            f"compare with your screen: {format_sas(event.emoji, event.decimals)}"
-        )
-        html_emoji = "<br>".join(f"{e} {name}" for e, name in event.emoji)
         try:
             room_id = await self._dm_room(event.user_id)
-            content = {"msgtype": "m.notice", "body": text}
-            if html_emoji:
-                numbers = " ".join(str(d) for d in event.decimals or ())
-                content["format"] = "org.matrix.custom.html"
-                content["formatted_body"] = (
-                    f"Verification with your device {event.device_id}:<br>{html_emoji}"
-                    + (f"<br>{numbers}" if numbers else "")
-                )
-            await self._send_message(room_id, content)
+            await self._send_message(room_id, sas_notice(event))
         except Exception as e:
             self._m_dm.inc("failed")
             log.warning("could not post the SAS to %s: %s", event.user_id, _describe(e))

@@ -217,6 +217,9 @@ async def test_run_verify_stop_restart(
         )
         assert who["device_id"] == bot_device
         assert "restored session" in run.log()
+        # "auto" compares nothing: the operator is told so at start (and only in run 2).
+        assert "verification.confirm = auto" in run.log()
+        assert "verification.confirm = auto" not in runs[0].log()
 
         peer = auto_peer
         await peer.download_keys(bot_user.user_id, bot_device, timeout=T)

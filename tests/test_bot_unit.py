@@ -1,0 +1,31 @@
+"""Pure parts of the standalone bot (the rest runs against a real Synapse in test_bot_e2e.py)."""
+
+from __future__ import annotations
+
+from bot_toolkit.bot import format_sas, sas_notice
+from bot_toolkit.verification import SasReady
+
+EMOJI = (
+    ("🐶", "Dog"),
+    ("🔑", "Key"),
+    ("🎩", "Hat"),
+    ("🌙", "Moon"),
+    ("⏰", "Clock"),
+    ("🏁", "Flag"),
+    ("🐧", "Penguin"),
+)
+
+
+def test_sas_notice_shows_emoji_names_and_decimals() -> None:
+    notice = sas_notice(SasReady("txn1", "@alice:x", "ALICEDEV", EMOJI, (1234, 5678, 9012)))
+    assert notice["msgtype"] == "m.notice"
+    assert notice["body"].endswith(format_sas(EMOJI, (1234, 5678, 9012)))
+    assert "🐧 Penguin" in notice["formatted_body"] and "1234 5678 9012" in notice["formatted_body"]
+
+
+def test_sas_notice_escapes_the_peer_chosen_device_id() -> None:
+    device = '<img src=x onerror="alert(1)">'
+    notice = sas_notice(SasReady("txn1", "@mallory:x", device, EMOJI, None))
+    assert "<img" not in notice["formatted_body"]
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in notice["formatted_body"]
+    assert notice["format"] == "org.matrix.custom.html"
