@@ -36,6 +36,11 @@ Receiving (through the :class:`~bot_toolkit.dispatcher.Dispatcher`; attach
   session with it (claiming one of its one-time keys) and send it an Olm-encrypted ``m.dummy``,
   at most once per peer device per hour. Every received withheld notice also reaches the bot's
   own handlers as a :class:`~bot_toolkit.events.RoomKeyWithheld` event.
+* both kinds can come from any Matrix user, so each sender user may cause at most
+  :data:`~bot_toolkit.withheld.SENDER_BURST` replies to key requests at once, and as many
+  answers to ``m.no_olm`` (device-list query included), then one more every
+  :data:`~bot_toolkit.withheld.SENDER_REFILL` seconds; beyond that the bot stays silent and
+  counts ``key_sharing_rate_limited_total{what}``.
 
 Crash safety of ``m.no_olm``: the ledger commits the decision with a transaction id before the
 outbox is called, and marks it after the outbox has stored the notice. :meth:`KeySharing.recover`
@@ -76,6 +81,7 @@ from bot_toolkit.withheld import (
     DummyThrottle,
     NoOlmLedger,
     PeerDevice,
+    SenderRateLimit,
     ShareWith,
     SharingPolicy,
     WithheldDeduper,
@@ -207,6 +213,16 @@ class KeySharing:
             "Unexpected errors caught in the key-sharing hooks",
             ["where"],
         )
+        self._m_limited = metrics.counter(
+            "key_sharing_rate_limited_total",
+            "Received events left unanswered because their sender sent too many "
+            "(what: key_request, no_olm)",
+            ["what"],
+        )
+        # Per sender user: withheld replies to key requests, and answers to m.no_olm (device-list
+        # query, claim, m.dummy). Any Matrix user can send both.
+        self._request_limit = SenderRateLimit(clock)
+        self._no_olm_limit = SenderRateLimit(clock)
         self._attached = True
         self._patches: list[InstancePatch] = []
         self._olm: Any = None
@@ -704,6 +720,10 @@ class KeySharing:
                 have_session=lambda: _holds_session(olm, event),
             )
         except WithheldError as refusal:
+            if not self._request_limit.allow(event.sender):
+                self._m_limited.inc("key_request")
+                log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
+                return
             await self._reply(event, refusal)
             self._answered[key] = None
             while len(self._answered) > _REQUESTS_REMEMBERED:
@@ -714,6 +734,10 @@ class KeySharing:
         client = self.client
         olm = client.olm
         if not self._attached or olm is None or not self.policy.dummy_on_no_olm:
+            return
+        if not self._no_olm_limit.allow(event.sender):
+            self._m_limited.inc("no_olm")
+            log.debug("m.no_olm from %s: rate limited", event.sender)
             return
         device = _sender_device(olm, event)
         if device is None:

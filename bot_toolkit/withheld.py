@@ -51,6 +51,9 @@ __all__ = [
     "CLAIM_BACKOFF_CAP",
     "DUMMY_INTERVAL",
     "MEGOLM_ALGORITHM",
+    "SENDER_BURST",
+    "SENDER_REFILL",
+    "SENDER_TRACKED",
     "ClaimBackoff",
     "Clock",
     "DeviceTrust",
@@ -58,6 +61,7 @@ __all__ = [
     "LedgerEntry",
     "NoOlmLedger",
     "PeerDevice",
+    "SenderRateLimit",
     "ShareWith",
     "SharingPolicy",
     "WithheldDeduper",
@@ -78,6 +82,13 @@ CLAIM_BACKOFF_CAP: Final = 15 * 60.0
 """The longest wait between claims for one device."""
 DUMMY_INTERVAL: Final = 60 * 60.0
 """At most one new Olm session (and ``m.dummy``) per peer device in this many seconds (spec)."""
+
+SENDER_BURST: Final = 10
+"""Answers (withheld replies, device-list queries) one sender user may cause at once."""
+SENDER_REFILL: Final = 30.0
+"""Seconds after which a sender user may cause one more answer, up to :data:`SENDER_BURST`."""
+SENDER_TRACKED: Final = 10_000
+"""Sender users whose budget is remembered; the least recently seen is forgotten first."""
 
 _COMPONENT: Final = "withheld"
 _MIGRATIONS: Final[dict[int, list[str]]] = {
@@ -377,6 +388,52 @@ class ClaimBackoff:
     def succeeded(self, device: PeerDevice) -> None:
         """Forget ``device``: its next failure starts again at ``base``."""
         self._state.pop(device, None)
+
+
+class SenderRateLimit:
+    """A token bucket per sender user for work that any Matrix user can make the bot do.
+
+    Each sender starts with ``burst`` tokens and gets one more every ``refill`` seconds, up to
+    ``burst``; :meth:`allow` takes one. In memory, for at most ``max_senders`` senders (least
+    recently seen forgotten first; a forgotten sender starts with a full bucket again).
+    """
+
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        *,
+        burst: int = SENDER_BURST,
+        refill: float = SENDER_REFILL,
+        max_senders: int = SENDER_TRACKED,
+    ) -> None:
+        if burst < 1 or refill <= 0 or max_senders < 1:
+            raise ValueError("burst and max_senders must be >= 1, refill > 0")
+        self._clock = clock
+        self.burst = burst
+        self.refill = refill
+        self._max = max_senders
+        # sender -> (tokens, time they were counted)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, sender: str) -> bool:
+        """Take one token of ``sender``; False (nothing taken) when its bucket is empty."""
+        now = self._clock()
+        state = self._buckets.pop(sender, None)
+        if state is None:
+            tokens = float(self.burst)
+        else:
+            tokens, since = state
+            tokens = min(float(self.burst), tokens + max(0.0, now - since) / self.refill)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[sender] = (tokens, now)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return allowed
 
 
 class WithheldDeduper:

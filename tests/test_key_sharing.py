@@ -27,13 +27,14 @@ from nio import (
 )
 from nio.crypto import OlmDevice
 
-from bot_toolkit import key_sharing
+from bot_toolkit import key_sharing, withheld
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RequestedKeyInfo, RoomKeyRequest, RoomKeyWithheld, WithheldCode
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.store import Store
 from bot_toolkit.withheld import NoOlmLedger, PeerDevice, SharingPolicy
 from tests.bot_process import BotProcess, room_with
+from tests.fakes import FakeClock
 from tests.nio_helpers import close_clients, know_each_other, make_client, send_plaintext
 from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse
@@ -416,6 +417,80 @@ async def test_the_dummy_slot_is_given_back_when_nothing_was_sent(offline: Offli
     await sharing._on_withheld(_no_olm(device))
     assert (dummies.get("sent"), dummies.get("throttled")) == (1, 1)
     assert len(outbox.sent) == 1
+    await sharing.close()
+
+
+async def test_key_request_replies_are_rate_limited_per_sender(offline: Offline) -> None:
+    clock = FakeClock(1000.0)
+    outbox = FakeOutbox()
+    sharing = await key_sharing.attach(
+        offline.client,
+        store=offline.store,
+        outbox=outbox,
+        dispatcher=offline.dispatcher,
+        clock=clock,
+    )
+
+    async def burst(sender: str, tag: str, n: int) -> int:
+        before = len(outbox.sent)
+        for i in range(n):
+            event = _request(sender, "DEV", f"s{i}", sender_key=None, request_id=f"{tag}{i}")
+            await sharing._on_key_request(event)
+        return len(outbox.sent) - before
+
+    # A burst of 100 new requests from one user: at most the bucket's worth of replies.
+    assert await burst("@eve:example.org", "a", 100) == withheld.SENDER_BURST
+    limited = offline.metrics.get("key_sharing_rate_limited_total")
+    assert limited is not None and limited.get("key_request") == 100 - withheld.SENDER_BURST
+    # Another user is not affected.
+    assert await burst("@bob:example.org", "a", 3) == 3
+    # Time passes: replies resume, one per refill interval.
+    clock.now += 2 * withheld.SENDER_REFILL
+    assert await burst("@eve:example.org", "b", 10) == 2
+    clock.now += 3600
+    assert await burst("@eve:example.org", "c", 100) == withheld.SENDER_BURST
+    await sharing.close()
+
+
+async def test_no_olm_answers_are_rate_limited_per_sender(offline: Offline) -> None:
+    clock = FakeClock(1000.0)
+    queried: list[set[str]] = []
+
+    async def keys_query() -> Any:
+        queried.append(set(offline.client.users_for_key_query))
+        offline.client.users_for_key_query.clear()
+        return "an error response"
+
+    setattr(offline.client, "keys_query", keys_query)  # noqa: B010
+    sharing = await key_sharing.attach(
+        offline.client,
+        store=offline.store,
+        outbox=FakeOutbox(),
+        dispatcher=offline.dispatcher,
+        clock=clock,
+    )
+
+    def notice(sender: str, n: int) -> RoomKeyWithheld:
+        return RoomKeyWithheld(
+            sender=sender,
+            algorithm="m.megolm.v1.aes-sha2",
+            sender_key=f"curve{n}",
+            code=WithheldCode.NO_OLM,
+            from_device=f"DEV{n}",
+        )
+
+    # 100 m.no_olm naming unknown devices: at most the bucket's worth of device-list queries.
+    for n in range(100):
+        await sharing._on_withheld(notice("@eve:example.org", n))
+    assert len(queried) == withheld.SENDER_BURST
+    limited = offline.metrics.get("key_sharing_rate_limited_total")
+    assert limited is not None and limited.get("no_olm") == 100 - withheld.SENDER_BURST
+    await sharing._on_withheld(notice("@bob:example.org", 0))
+    assert queried[-1] == {"@bob:example.org"}
+    clock.now += withheld.SENDER_REFILL
+    await sharing._on_withheld(notice("@eve:example.org", 100))
+    await sharing._on_withheld(notice("@eve:example.org", 101))
+    assert len(queried) == withheld.SENDER_BURST + 2
     await sharing.close()
 
 

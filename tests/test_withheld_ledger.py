@@ -22,6 +22,7 @@ from bot_toolkit.withheld import (
     DummyThrottle,
     NoOlmLedger,
     PeerDevice,
+    SenderRateLimit,
     ShareWith,
     SharingPolicy,
     WithheldDeduper,
@@ -399,3 +400,19 @@ def test_withheld_error_carries_the_code() -> None:
         WithheldError(WithheldCode.HISTORY_NOT_SHARED)
     again = pickle.loads(pickle.dumps(err))
     assert (again.code, again.reason) == (err.code, err.reason)
+
+
+def test_sender_rate_limit_refills_and_remembers_a_bounded_number_of_senders() -> None:
+    clock = FakeClock(0.0)
+    limit = SenderRateLimit(clock, burst=3, refill=10.0, max_senders=5)
+    assert [limit.allow("@a:x") for _ in range(5)] == [True, True, True, False, False]
+    assert limit.allow("@b:x")
+    clock.advance(25.0)  # two tokens and a half
+    assert [limit.allow("@a:x") for _ in range(3)] == [True, True, False]
+    clock.advance(1000.0)  # never more than the burst
+    assert [limit.allow("@a:x") for _ in range(4)] == [True, True, True, False]
+    for n in range(1000):
+        limit.allow(f"@spam{n}:x")
+    assert len(limit) == 5
+    with pytest.raises(ValueError):
+        SenderRateLimit(burst=0)
