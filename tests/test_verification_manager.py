@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
+from unittest.mock import AsyncMock
 
 import pytest
 
 from bot_toolkit.events import ToDeviceEvent, decode
+from bot_toolkit.outbox import OutboxClosed
 from bot_toolkit.store import Store
 from bot_toolkit.undecodable import UndecodableEvent
 from bot_toolkit.verification import (
@@ -24,6 +28,7 @@ from bot_toolkit.verification import (
     VerificationRequested,
     compute_commitment,
 )
+from bot_toolkit.verification.engine import MARK_FAILED_REASON, code_label
 from bot_toolkit.verification.table import Party
 from tests.fakes import FakeClock
 from tests.verification_helpers import (
@@ -739,3 +744,155 @@ async def test_mac_master_cross_signing_key(
         assert sorted(done.verified_keys) == sorted(verified)
     finally:
         await close_sides(a, b)
+
+
+async def test_failed_send_cancels_and_ends_the_transaction(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An action that raises (outbox closed) still ends the transaction: outcome, lifecycle
+    event, restart row, timers and the attempt are all released; a cancel goes out if it can."""
+    store = await Store.open(tmp_path / "s.sqlite3")
+    a = await make_side("alice", clock, store=store)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None  # only look at what alice sends
+    a.outbox.fail_types.add("m.key.verification.ready")
+    try:
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "r1", clock))
+        await eventually(lambda: a.manager.state_of("r1") is State.CANCELLED)
+        outcome = await a.manager.wait_finished("r1", timeout=5)
+        assert isinstance(outcome, VerificationCancelled)
+        assert outcome.code == "m.user" and outcome.by_us
+        await eventually(lambda: len(a.of(VerificationCancelled)) == 1)
+        assert a.outbox.cancels("r1") == ["m.user"]  # the cancel could still be sent
+        assert await store.fetchall("SELECT * FROM verification_inflight") == []
+        assert a.manager.list_in_progress() == []
+        assert a.manager._txns.timers.deadline("r1") is None
+        assert a.metrics.get("verifications_total").get("cancelled", "m.user") == 1  # type: ignore[union-attr]
+        # The attempt was released: the device's next request is not a concurrent attempt.
+        a.outbox.fail_types.clear()
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "r2", clock))
+        await eventually(lambda: a.manager.state_of("r2") is State.READY)
+    finally:
+        await close_sides(a, b)
+        await store.close()
+
+
+async def test_failed_send_without_cancel_still_ends(clock: FakeClock) -> None:
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    a.outbox.fail_types.update({"m.key.verification.ready", "m.key.verification.cancel"})
+    try:
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "r1", clock))
+        await eventually(lambda: a.manager.state_of("r1") is State.CANCELLED)
+        outcome = await a.manager.wait_finished("r1", timeout=5)
+        assert isinstance(outcome, VerificationCancelled) and outcome.code == "m.user"
+        await eventually(lambda: len(a.of(VerificationCancelled)) == 1)
+        assert a.outbox.cancels("r1") == []
+        assert a.manager.list_in_progress() == []
+        a.outbox.fail_types.clear()
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "r2", clock))
+        await eventually(lambda: a.manager.state_of("r2") is State.READY)
+    finally:
+        await close_sides(a, b)
+
+
+async def test_unmarkable_device_cancels_instead_of_done(clock: FakeClock) -> None:
+    """mark_verified failing (device unknown to the trust store): m.user, no VerificationDone."""
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    refuse = AsyncMock(return_value=False)
+    a.keys.mark_verified = refuse  # type: ignore[method-assign]
+    try:
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(txn) is State.CANCELLED)
+        refuse.assert_awaited_once_with(b.user_id, b.device_id)
+        assert not a.of(VerificationDone)
+        assert not a.outbox.of_type("done", txn)
+        [cancelled] = a.of(VerificationCancelled)
+        assert (cancelled.code, cancelled.reason, cancelled.by_us) == (
+            "m.user",
+            MARK_FAILED_REASON,
+            True,
+        )
+        [sent] = a.outbox.of_type("cancel", txn)
+        assert (sent[3]["code"], sent[3]["reason"]) == ("m.user", MARK_FAILED_REASON)
+        await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
+        assert not b.of(VerificationDone)
+    finally:
+        await close_sides(a, b)
+
+
+async def test_confirm_task_failure_is_logged_and_counted(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_side("alice", clock)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    # The confirm callback says yes; sending our MAC then fails inside the spawned task.
+    a.outbox.fail_types.add("m.key.verification.mac")
+    try:
+        with caplog.at_level(logging.ERROR, logger="bot_toolkit.verification.engine"):
+            txn = await b.manager.request_verification(a.user_id, a.device_id)
+            await eventually(lambda: a.manager.state_of(txn) is State.CANCELLED)
+            await eventually(
+                lambda: a.metrics.get("verification_task_errors_total").total() == 1  # type: ignore[union-attr]
+            )
+        [record] = [r for r in caplog.records if "task" in r.getMessage()]
+        assert txn in record.getMessage() and record.exc_info is not None
+        assert isinstance(record.exc_info[1], OutboxClosed)
+    finally:
+        await close_sides(a, b)
+
+
+def test_metric_code_label_is_bounded() -> None:
+    assert code_label("m.key_mismatch") == "m.key_mismatch"
+    assert code_label("m.user") == "m.user"
+    assert code_label("x" * 255) == "other"
+    assert code_label("org.example.custom") == "other"
+
+
+async def test_peer_chosen_cancel_code_is_not_a_label(
+    pair: tuple[Side, Side], clock: FakeClock
+) -> None:
+    a, b = pair
+    operator = a.manager.policy
+    assert operator.auto_accept
+    code = "org.example." + secrets.token_hex(40)
+    a.outbox.deliver = None
+    a.put_raw(b.user_id, "m.key.verification.request", _request(b, "c1", clock))
+    await eventually(lambda: a.manager.state_of("c1") is State.READY)
+    a.put_raw(
+        b.user_id,
+        "m.key.verification.cancel",
+        {"transaction_id": "c1", "code": code, "reason": "bye"},
+    )
+    await eventually(lambda: a.manager.state_of("c1") is State.CANCELLED)
+    [cancelled] = a.of(VerificationCancelled)
+    assert cancelled.code == code  # the event keeps the peer's code
+    total = a.metrics.get("verifications_total")
+    assert total is not None
+    assert total.get("cancelled", "other") == 1
+    assert total.get("cancelled", code) == 0
+    assert code not in a.metrics.render()
+
+
+async def test_error_cap_is_per_user_not_per_claimed_device(
+    pair: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """from_device is the sender's choice: rotating it must not buy more cancels."""
+    a, b = pair
+    a.outbox.deliver = None
+    cap = a.manager.policy.max_error_replies
+    for i in range(3 * cap + 5):
+        a.put_raw(
+            b.user_id,
+            "m.key.verification.ready",
+            {"transaction_id": f"x{i}", "from_device": f"DEV{i}", "methods": ["m.sas.v1"]},
+        )
+    await settle(a)
+    assert len(a.outbox.cancels()) == cap
+    assert len({s[2] for s in a.outbox.of_type("cancel")}) == cap

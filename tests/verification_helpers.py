@@ -25,7 +25,7 @@ from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import decode
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.nio_plugin import attach
-from bot_toolkit.outbox import HttpTransport, Outbox
+from bot_toolkit.outbox import HttpTransport, Outbox, OutboxClosed
 from bot_toolkit.store import Store
 from bot_toolkit.verification import (
     SasPrompt,
@@ -95,8 +95,12 @@ class FakeOutbox:
         self.sender = sender
         self.sent: list[Sent] = []
         self.deliver: Callable[[str, str, str, dict[str, Any]], None] | None = None
+        self.fail_types: set[str] = set()
+        """Event types whose sends raise ``OutboxClosed`` (nothing recorded)."""
 
     async def send(self, event_type: str, messages: Any) -> list[str]:
+        if event_type in self.fail_types:
+            raise OutboxClosed("outbox closed (test)")
         for user, devices in messages.items():
             for device, content in devices.items():
                 self.sent.append((event_type, user, device, dict(content)))

@@ -1,7 +1,7 @@
 """Runs one transaction's transitions: feeds an input to the table and performs the actions.
 
 :class:`Engine` is the only caller of :func:`~bot_toolkit.verification.table.transition`. For each
-action of the outcome it sends through the outbox (cancels capped per peer device by the
+action of the outcome it sends through the outbox (cancels capped per peer user by the
 :class:`~bot_toolkit.verification.policy.ErrorReplyLimiter` when an inbound event caused them),
 runs the SAS maths of the transaction's :class:`~bot_toolkit.verification.sas.SasSession`,
 writes the trust store, asks the policy's ``confirm`` callback, and puts the lifecycle events into
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
-from .._types import DeviceId, TransactionId, UserId
+from .._types import DeviceId, TransactionId
 from ..dispatcher import Dispatcher, DispatcherClosed
 from ..events import (
     KeyVerificationAccept,
@@ -73,9 +73,9 @@ from .table import (
 )
 from .transactions import Ctx, Transactions, Txn
 
-__all__ = ["REASONS", "Engine", "OutboxLike"]
+__all__ = ["MARK_FAILED_REASON", "REASONS", "Engine", "OutboxLike", "code_label"]
 
-log = logging.getLogger("bot_toolkit.verification.manager")
+log = logging.getLogger("bot_toolkit.verification.engine")
 
 REASONS: Final[dict[str, str]] = {
     CancelCode.USER: "cancelled by the user",
@@ -92,6 +92,12 @@ REASONS: Final[dict[str, str]] = {
 }
 
 """The ``reason`` sent with each cancel code."""
+
+MARK_FAILED_REASON: Final = "could not record the device as verified"
+"""The reason of the ``m.user`` cancel sent when the trust store refuses to mark the peer's
+device verified (e.g. nio no longer knows the device). ``m.user`` rather than
+``m.key_mismatch``: the peer's keys did match; the failure is ours, and a key mismatch would
+wrongly suggest an attack to the peer's user."""
 
 
 class OutboxLike(Protocol):
@@ -136,6 +142,9 @@ class Engine:
         self.m_cancels = metrics.counter(
             "verification_cancels_sent_total", "m.key.verification.cancel messages sent", ["code"]
         )
+        self._m_task_errors = metrics.counter(
+            "verification_task_errors_total", "Background verification tasks that failed"
+        )
         self._m_dropped = metrics.counter(
             "verification_lifecycle_dropped_total",
             "Lifecycle events a full dispatcher refused",
@@ -147,11 +156,22 @@ class Engine:
         user, device, _ = self.keys.own()
         return Party(user, device)
 
-    def spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def spawn(self, coro: Awaitable[Any], name: str, txn: str) -> None:
+        """Run ``coro`` in the background; its failure is logged and counted."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+
+        def done(task: asyncio.Future[Any]) -> None:
+            self.tasks.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                self._m_task_errors.inc()
+                log.error("verification %s: task %s failed", txn, name, exc_info=exc)
+
+        task.add_done_callback(done)
 
     def emit(self, event: object) -> None:
         try:
@@ -175,52 +195,99 @@ class Engine:
         await self.outbox.send(event_type, {user: targets})
 
     async def send_cancel(
-        self, txn: str, user: str, devices: Sequence[str], code: CancelCode, *, limited: bool
+        self,
+        txn: str,
+        user: str,
+        devices: Sequence[str],
+        code: CancelCode,
+        *,
+        limited: bool,
+        reason: str | None = None,
     ) -> bool:
         if limited:
-            devices = [d for d in devices if self._limiter.allow(Party(UserId(user), DeviceId(d)))]
+            # Capped per user: the device ids (from_device) are the sender's choice.
+            devices = [d for d in devices if self._limiter.allow(user)]
             if not devices:
                 log.info(
                     "cancel %s for %s not sent: error reply cap reached for %s", code, txn, user
                 )
                 return False
-        content = {"transaction_id": txn, "code": str(code), "reason": REASONS.get(code, "")}
+        reason = REASONS.get(code, "") if reason is None else reason
+        content = {"transaction_id": txn, "code": str(code), "reason": reason}
         await self.send(KeyVerificationCancel.event_type, user, devices, content)
         self.m_cancels.inc(str(code), amount=len(devices))
         log.info("sent cancel %s for verification %s to %s %s", code, txn, user, list(devices))
         return True
 
     async def feed(self, t: Txn, inp: Input, ctx: Ctx) -> bool:
-        """Run one transition and its actions. False when the table refused a local step."""
+        """Run one transition and its actions. False when the table refused a local step.
+
+        Whatever happens to the actions, a transaction that reached a terminal state is ended
+        (outcome, lifecycle event, metrics, restart row, timers, attempts). If an action of a
+        transition into a live state raises (the outbox is closed, the task is cancelled...),
+        the transaction is cancelled (``LOCAL_CANCEL``, best effort) and ended, and the error
+        propagates. If the trust store refuses to mark the device verified, the transaction
+        is cancelled with ``m.user`` instead of finishing (see :meth:`_perform`).
+        """
         before = t.state
         outcome = transition(t.state, inp)
         t.state = outcome.next_state
         log.debug("verification %s: %s --%s--> %s", t.txn, before.value, inp.value, t.state.value)
-        if before is State.NEW and t.state is not State.NEW:
-            await self._begin(t)
-        if t.state is State.CANCELLED and inp is Input.CANCEL:
-            t.cancelled_by_us = False
-            t.cancel_code = ctx.cancel_code or str(CancelCode.USER)
-            t.cancel_reason = ctx.cancel_reason
-        elif t.state is State.CANCELLED and before is not State.CANCELLED:
-            t.cancel_code = str(_implied_code(inp))
-            t.cancel_reason = REASONS.get(t.cancel_code, "")
-        self._txns.touch(t.txn)
         refused = False
         follow_up: Input | None = None
-        for action in outcome.actions:
-            try:
-                result = await self._perform(t, action, ctx)
-            except SasError as exc:
-                follow_up = exc.input
-                break
-            if result is False:
-                refused = True
-        if before not in TERMINAL_STATES and t.state in TERMINAL_STATES:
-            await self._end(t)
+        mark_failed = False
+        try:
+            if before is State.NEW and t.state is not State.NEW:
+                await self._begin(t)
+            if t.state is State.CANCELLED and inp is Input.CANCEL:
+                t.cancelled_by_us = False
+                t.cancel_code = ctx.cancel_code or str(CancelCode.USER)
+                t.cancel_reason = ctx.cancel_reason
+            elif t.state is State.CANCELLED and before is not State.CANCELLED:
+                t.cancel_code = str(_implied_code(inp))
+                t.cancel_reason = REASONS.get(t.cancel_code, "")
+            self._txns.touch(t.txn)
+            for action in outcome.actions:
+                try:
+                    result = await self._perform(t, action, ctx)
+                except SasError as exc:
+                    follow_up = exc.input
+                    break
+                except _MarkFailedError:
+                    # Not verified after all: the transition cannot complete. Back to the state
+                    # it left (still live), then cancel from there, below.
+                    t.state = before
+                    mark_failed = True
+                    break
+                if result is False:
+                    refused = True
+        except BaseException:
+            if t.state is not State.NEW and t.state not in TERMINAL_STATES:
+                await self._abort(t, "an action failed")
+            raise
+        finally:
+            if before not in TERMINAL_STATES and t.state in TERMINAL_STATES:
+                await self._end(t)
+        if mark_failed:
+            t.local_reason = MARK_FAILED_REASON
+            await self.feed(t, Input.LOCAL_CANCEL, Ctx())
+            return False
         if follow_up is not None and t.state not in TERMINAL_STATES:
             await self.feed(t, follow_up, ctx)
         return not refused
+
+    async def _abort(self, t: Txn, why: str) -> None:
+        """Cancel a live transaction whose action raised (best effort); it ends either way."""
+        log.warning("verification %s: %s in state %s; cancelling", t.txn, why, t.state.value)
+        try:
+            await self.feed(t, Input.LOCAL_CANCEL, Ctx())
+        except Exception:
+            log.exception("verification %s: could not send the cancel", t.txn)
+        if t.state not in TERMINAL_STATES:  # the table always cancels on LOCAL_CANCEL
+            t.state = State.CANCELLED
+            t.cancel_code = str(CancelCode.USER)
+            t.cancel_reason = REASONS[CancelCode.USER]
+            await self._end(t)
 
     async def _begin(self, t: Txn) -> None:
         self._txns.begin(t)
@@ -233,6 +300,9 @@ class Engine:
         )
 
     async def _end(self, t: Txn) -> None:
+        if t.ended:
+            return
+        t.ended = True
         self._txns.finish(t.txn)
         self._attempts.end(t.txn)
         result: VerificationDone | VerificationCancelled
@@ -247,7 +317,7 @@ class Engine:
             result = VerificationCancelled(
                 t.txn, t.peer_user, t.peer_device, code, t.cancel_reason, t.cancelled_by_us
             )
-            self._m_total.inc("cancelled", code)
+            self._m_total.inc("cancelled", code_label(code))
             log.info(
                 "verification %s with %s cancelled (%s, by %s)",
                 t.txn,
@@ -304,17 +374,23 @@ class Engine:
             ok = await self.keys.mark_verified(t.peer_user, t.peer_device)
             if not ok:
                 log.error(
-                    "could not mark %s %s verified: unknown device", t.peer_user, t.peer_device
+                    "verification %s: could not mark %s %s verified (unknown device); cancelling",
+                    txn,
+                    t.peer_user,
+                    t.peer_device,
                 )
+                raise _MarkFailedError
         elif isinstance(action, SendDone):
             await self._to_peer(t, KeyVerificationDone.event_type, {"transaction_id": txn})
         elif isinstance(action, SendCancel):
             t.cancel_code = str(action.code)
-            t.cancel_reason = REASONS.get(action.code, "")
+            t.cancel_reason = t.local_reason or REASONS.get(action.code, "")
             t.cancelled_by_us = True
             devices: Sequence[str]
             devices = [t.peer_device] if t.peer_device is not None else list(t.recipients)
-            await self.send_cancel(txn, t.peer_user, devices, action.code, limited=ctx.inbound)
+            await self.send_cancel(
+                txn, t.peer_user, devices, action.code, limited=ctx.inbound, reason=t.cancel_reason
+            )
         elif isinstance(action, ReplyCancel):
             if ctx.sender is None:
                 return None
@@ -365,7 +441,7 @@ class Engine:
             log.info("verification %s: SAS shown, waiting for the operator", t.txn)
             return
         prompt = SasPrompt(t.txn, t.peer_user, t.peer_device, t.emoji, t.decimals)
-        self.spawn(self._ask(confirm, prompt), f"confirm {t.txn}")
+        self.spawn(self._ask(confirm, prompt), f"confirm {t.txn}", t.txn)
 
     async def _ask(self, confirm: ConfirmCallback, prompt: SasPrompt) -> None:
         try:
@@ -379,6 +455,22 @@ class Engine:
             t = self._txns.get(txn)
             if t is not None and t.state not in TERMINAL_STATES:
                 await self.feed(t, inp, Ctx())
+
+
+class _MarkFailedError(Exception):
+    """The trust store refused ``MarkVerified`` (see :meth:`Engine.feed`)."""
+
+
+def code_label(code: str) -> str:
+    """The metric label of a cancel code: the code when known, else ``other``.
+
+    A peer chooses its cancel code (up to 255 characters): labelling with it as is would let a
+    peer create unbounded metric series.
+    """
+    return code if code in _KNOWN_CODES else "other"
+
+
+_KNOWN_CODES: Final = frozenset(str(c) for c in CancelCode)
 
 
 def _implied_code(inp: Input) -> CancelCode:

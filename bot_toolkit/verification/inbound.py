@@ -44,7 +44,7 @@ from .transactions import Ctx, Transactions, Txn, fingerprint
 
 __all__ = ["Inbound"]
 
-log = logging.getLogger("bot_toolkit.verification.manager")
+log = logging.getLogger("bot_toolkit.verification.inbound")
 
 _MAC_EXPECTED: Final = frozenset(
     {State.KEYS_EXCHANGED, State.MAC_SENT, State.LEGACY_KEYS_EXCHANGED, State.LEGACY_MAC_SENT}

@@ -19,7 +19,7 @@ from .._types import DeviceId, UserId
 
 __all__ = ["KeySource", "NioKeySource", "PeerKeys"]
 
-log = logging.getLogger("bot_toolkit.verification.manager")
+log = logging.getLogger("bot_toolkit.verification.peer_keys")
 
 
 class KeySource(Protocol):

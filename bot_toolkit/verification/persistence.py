@@ -17,7 +17,7 @@ from .table import CancelCode
 
 __all__ = ["RESTART_REASON", "InflightStore", "StoreLike"]
 
-log = logging.getLogger("bot_toolkit.verification.manager")
+log = logging.getLogger("bot_toolkit.verification.persistence")
 
 RESTART_REASON: Final = "verifier restarted"
 """The reason of the ``m.user`` cancel sent on start-up for transactions left by a restart."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -209,7 +209,10 @@ class TransactionTimers:
 
 
 class ErrorReplyLimiter:
-    """At most ``limit`` cancels per peer device per ``window`` seconds; beyond that, silence.
+    """At most ``limit`` cancels per peer per ``window`` seconds; beyond that, silence.
+
+    A peer is any hashable key; the engine uses the sender's user id (a device id is chosen by
+    the sender, so keying by it would let one user rotate ``from_device`` past the cap).
 
     Consult ``allow()`` before sending any cancel caused by an inbound event (``SendCancel``,
     ``ReplyCancel``): the state still changes, only the message is dropped. Two buggy clients
@@ -231,9 +234,9 @@ class ErrorReplyLimiter:
         self._window = window
         self._clock = clock
         self._max_peers = max_peers
-        self._sent: OrderedDict[Party, deque[float]] = OrderedDict()
+        self._sent: OrderedDict[Hashable, deque[float]] = OrderedDict()
 
-    def allow(self, peer: Party) -> bool:
+    def allow(self, peer: Hashable) -> bool:
         """Whether a cancel to ``peer`` may go out now; records it when allowed."""
         now = self._clock()
         times = self._sent.get(peer)

@@ -50,6 +50,10 @@ class Txn:
     cancel_reason: str = ""
     cancelled_by_us: bool = True
     lapse: float | None = None
+    local_reason: str | None = None
+    """The reason of our next cancel when it is not the code's usual one."""
+    ended: bool = False
+    """The engine recorded the outcome (it does so once)."""
     finished: asyncio.Future[VerificationDone | VerificationCancelled] | None = None
 
 
