@@ -896,3 +896,34 @@ async def test_error_cap_is_per_user_not_per_claimed_device(
     await settle(a)
     assert len(a.outbox.cancels()) == cap
     assert len({s[2] for s in a.outbox.of_type("cancel")}) == cap
+
+
+async def test_restart_forgets_only_the_rows_it_cancelled(tmp_path: Path, clock: FakeClock) -> None:
+    """A transaction begun before ``start()`` ran keeps its restart row."""
+    store = await Store.open(tmp_path / "s.sqlite3")
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
+    try:
+        a = await make_side("alice", clock, policy=operator, store=store)
+        b = await make_side("bob", clock, policy=operator)
+        wire(a, b)
+        old = await b.manager.request_verification(a.user_id, a.device_id)
+        await eventually(lambda: a.manager.state_of(old) is State.KEYS_EXCHANGED)
+        await close_sides(a, b)  # "crash"
+
+        restarted = await make_side("alice", clock, policy=operator, store=store, start=False)
+        restarted.keys.known[(b.user_id, "BOB2")] = "ed-bob2"
+        try:
+            restarted.put_raw(
+                b.user_id,
+                "m.key.verification.request",
+                {**_request(b, "new-one", clock), "from_device": "BOB2"},
+            )
+            await eventually(lambda: restarted.manager.state_of("new-one") is State.READY)
+            assert await restarted.manager.start() == 1
+            assert [s[3]["transaction_id"] for s in restarted.outbox.of_type("cancel")] == [old]
+            rows = await store.fetchall("SELECT txn, device_id FROM verification_inflight")
+            assert rows == [("new-one", "BOB2")]
+        finally:
+            await close_sides(restarted)
+    finally:
+        await store.close()

@@ -165,6 +165,7 @@ async def make_side(
     store: Store | None = None,
     user_id: str | None = None,
     device_id: str | None = None,
+    start: bool = True,
 ) -> Side:
     metrics = Metrics()
     dispatcher = Dispatcher(metrics, handler_timeout=30.0)
@@ -184,7 +185,8 @@ async def make_side(
     for cls in (VerificationRequested, SasReady, VerificationDone, VerificationCancelled):
         dispatcher.register(cls, record)
     await dispatcher.start()
-    await manager.start()
+    if start:
+        await manager.start()
     return side
 
 

@@ -190,13 +190,16 @@ class VerificationManager:
         """
         sent = 0
         left_over = await self._inflight.restart_cancels(self.clock())
+        # A transaction of this run (begun before start) is not left over.
+        left_over = {txn: m for txn, m in left_over.items() if txn not in self._txns}
         for txn, messages in left_over.items():
             log.info("cancelling verification %s left by a restart", txn)
             await self.outbox.send(KeyVerificationCancel.event_type, messages)
             count = sum(len(devices) for devices in messages.values())
             self._engine.m_cancels.inc(str(CancelCode.USER), amount=count)
             sent += count
-        await self._inflight.clear()
+        # Only the rows dealt with: a transaction this run began meanwhile keeps its row.
+        await self._inflight.forget(left_over)
         if self._timer_task is None and self.tick > 0:
             self._timer_task = asyncio.get_running_loop().create_task(
                 self._timer_loop(), name="bot_toolkit.verification.timers"

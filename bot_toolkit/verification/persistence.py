@@ -60,7 +60,8 @@ class InflightStore:
     async def restart_cancels(self, now: float) -> dict[str, CancelMessages]:
         """Migrate, then the cancels owed for the unexpired transactions of the last run, by id.
 
-        Expired ones are logged and left out. Call :meth:`clear` once they were sent.
+        Expired ones are logged, left out and forgotten. Call :meth:`forget` with the ids
+        returned once their cancels were sent (only those: rows this run added meanwhile stay).
         """
         if self.store is None:
             return {}
@@ -69,16 +70,30 @@ class InflightStore:
             "SELECT txn, user_id, device_id, deadline FROM verification_inflight"
         )
         by_txn: dict[str, CancelMessages] = {}
+        expired: set[str] = set()
         for txn, user_id, device_id, deadline in rows:
             if float(deadline) <= now:
                 log.info("dropping expired verification %s left by a restart", txn)
+                expired.add(str(txn))
                 continue
             by_txn.setdefault(str(txn), {}).setdefault(str(user_id), {})[str(device_id)] = {
                 "transaction_id": str(txn),
                 "code": str(CancelCode.USER),
                 "reason": RESTART_REASON,
             }
+        await self.forget(expired - by_txn.keys())
         return by_txn
+
+    async def forget(self, txns: Iterable[str]) -> None:
+        """Delete the rows of these transactions (those a restart dealt with)."""
+        if self.store is None:
+            return
+        ids = sorted(set(txns))
+        if not ids:
+            return
+        async with self.store.transaction() as conn:
+            for txn in ids:
+                await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
 
     async def clear(self) -> None:
         """Forget every kept transaction."""
