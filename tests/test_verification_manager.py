@@ -927,3 +927,49 @@ async def test_restart_forgets_only_the_rows_it_cancelled(tmp_path: Path, clock:
             await close_sides(restarted)
     finally:
         await store.close()
+
+
+async def test_same_txn_from_two_senders_releases_the_loser_attempt(
+    pair: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """Carol's request is held for her keys while bob's request with the same id creates the
+    transaction: carol is told user_mismatch, and her attempt does not linger (her next
+    request is not refused as a concurrent attempt)."""
+    a, b = pair
+    a.outbox.deliver = None
+    carol, carol_dev = "@carol:test", "CAROLDEV"
+    a.keys.later[(carol, carol_dev)] = "ed-carol"
+    a.keys.query_delay = 0.3
+    carol_req = {**_request(b, "same", clock), "from_device": carol_dev}
+    a.put_raw(carol, "m.key.verification.request", carol_req)
+    await eventually(lambda: a.keys.queries == [carol])
+    a.put_raw(b.user_id, "m.key.verification.request", _request(b, "same", clock))
+    await eventually(lambda: a.manager.state_of("same") is State.READY)
+    await eventually(lambda: a.outbox.cancels("same") == ["m.user_mismatch"])
+    assert a.manager.state_of("same") is State.READY  # bob's transaction goes on
+    a.put_raw(carol, "m.key.verification.request", {**carol_req, "transaction_id": "carol2"})
+    await eventually(lambda: a.manager.state_of("carol2") is State.READY)
+    assert a.outbox.cancels("carol2") == []
+
+
+async def test_transaction_forgotten_while_waiting_for_its_lock(
+    pair: tuple[Side, Side], clock: FakeClock
+) -> None:
+    a, b = pair
+    a.outbox.deliver = None
+    req = _request(b, "gone", clock)
+    a.put_raw(b.user_id, "m.key.verification.request", req)
+    await eventually(lambda: a.manager.state_of("gone") is State.READY)
+    assert await a.manager.cancel("gone")
+    errors = a.metrics.get("handler_errors_total")
+    assert errors is not None
+    async with a.manager._txns.lock("gone"):
+        a.put_raw(b.user_id, "m.key.verification.request", req)  # waits for the lock
+        for _ in range(20):
+            await asyncio.sleep(0)
+        clock.advance(601)
+        await a.manager.check_timeouts()  # forgets the expired id
+        assert a.manager.state_of("gone") is None
+    await settle(a)
+    assert errors.total() == 0
+    assert a.manager.state_of("gone") is None

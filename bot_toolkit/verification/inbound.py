@@ -200,13 +200,29 @@ class Inbound:
             if not await self._new_attempt(event):
                 return
             async with self._txns.lock(txn):
-                if txn not in self._txns:
+                t = self._txns.get(txn)
+                if t is None:
                     await self._create_incoming(event, txn)
                     return
+                # Created meanwhile (during the key query), maybe by another sender.
+                self._drop_attempt(event, t)
+                inp = self._classify_common(event, t) or Input.REQUEST
+                await self._feed_event(t, inp, event)
+                return
         async with self._txns.lock(txn):
-            t = self._txns[txn]
+            t = self._txns.get(txn)
+            if t is None:
+                log.info("verification %s: forgotten while %s's request waited", txn, event.sender)
+                return
             inp = self._classify_common(event, t) or Input.REQUEST
             await self._feed_event(t, inp, event)
+
+    def _drop_attempt(self, event: KeyVerificationRequest | KeyVerificationStart, t: Txn) -> None:
+        """Release the attempt :meth:`_new_attempt` registered when the transaction already
+        existed by then (unless it is the same device's, which the transaction owns)."""
+        peer = Party(UserId(event.sender), DeviceId(event.from_device))
+        if peer != Party(t.peer_user, t.peer_device or DeviceId("")):
+            self._attempts.end_for(peer, t.txn)
 
     async def _create_incoming(self, event: KeyVerificationRequest, txn: TransactionId) -> None:
         peer_device = DeviceId(event.from_device)
@@ -296,7 +312,8 @@ class Inbound:
             if not await self._new_attempt(event):
                 return
             async with self._txns.lock(txn):
-                if txn not in self._txns:
+                existing = self._txns.get(txn)
+                if existing is None:
                     peer_device = DeviceId(event.from_device)
                     t = Txn(txn, UserId(event.sender), peer_device, False)
                     t.peer_ed25519 = self.keys.device_ed25519(event.sender, peer_device)
@@ -304,8 +321,14 @@ class Inbound:
                     t.seen.add(fingerprint(event))
                     await self._engine.feed(t, Input.START, self._ctx(event, t))
                     return
+                # Created meanwhile (during the key query), maybe by another sender.
+                self._drop_attempt(event, existing)
         async with self._txns.lock(txn):
-            t = self._txns[txn]
+            found = self._txns.get(txn)
+            if found is None:
+                log.info("verification %s: forgotten while %s's start waited", txn, event.sender)
+                return
+            t = found
             inp = self._classify_common(event, t)
             if inp is None:
                 if t.peer_device is None:

@@ -283,7 +283,7 @@ class AttemptTracker:
         if others:
             return others
         self._by_peer.setdefault(peer, set()).add(txn)
-        self._peer_of[txn] = peer
+        self._peer_of.setdefault(txn, peer)  # the first registration owns the id
         return ()
 
     def end(self, txn: TransactionId) -> None:
@@ -295,6 +295,16 @@ class AttemptTracker:
                 live.discard(txn)
                 if not live:
                     del self._by_peer[peer]
+
+    def end_for(self, peer: Party, txn: TransactionId) -> None:
+        """Drop ``peer``'s registration of ``txn`` only (another peer may own the id)."""
+        live = self._by_peer.get(peer)
+        if live is not None:
+            live.discard(txn)
+            if not live:
+                del self._by_peer[peer]
+        if self._peer_of.get(txn) == peer:
+            del self._peer_of[txn]
 
     def live(self, peer: Party) -> frozenset[TransactionId]:
         """The peer's live attempts."""
