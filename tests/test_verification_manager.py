@@ -973,3 +973,37 @@ async def test_transaction_forgotten_while_waiting_for_its_lock(
     await settle(a)
     assert errors.total() == 0
     assert a.manager.state_of("gone") is None
+
+
+async def test_request_with_no_common_method_is_left_to_the_operator(
+    pair: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """Spec: not cancelled (another of the user's devices may support it), shown, never
+    accepted; it lapses silently or the operator refuses it with m.user."""
+    a, b = pair
+    a.outbox.deliver = None
+    assert a.manager.policy.auto_accept
+    qr_only = {**_request(b, "qr", clock), "methods": ["m.qr_code.show.v1", "m.reciprocate.v1"]}
+    a.put_raw(b.user_id, "m.key.verification.request", qr_only)
+    await eventually(lambda: a.manager.state_of("qr") is State.REQUESTED_IN)
+    await settle(a)
+    assert a.manager.state_of("qr") is State.REQUESTED_IN
+    assert a.outbox.sent == []  # neither ready nor cancel
+    [info] = a.manager.list_in_progress()
+    assert (info.id, info.state) == ("qr", "requested_in")
+    assert not await a.manager.confirm("qr")  # cannot be accepted
+    assert a.outbox.sent == []
+    # It lapses silently (2 min after receipt)...
+    clock.advance(121)
+    await a.manager.check_timeouts()
+    assert a.manager.state_of("qr") is State.CANCELLED
+    assert a.outbox.sent == []
+    # ...or the operator refuses it with m.user.
+    a.put_raw(
+        b.user_id,
+        "m.key.verification.request",
+        {**qr_only, "transaction_id": "qr2", "timestamp": int(clock() * 1000)},
+    )
+    await eventually(lambda: a.manager.state_of("qr2") is State.REQUESTED_IN)
+    assert await a.manager.cancel("qr2")
+    assert a.outbox.cancels("qr2") == ["m.user"]

@@ -231,10 +231,18 @@ class Inbound:
         t.lapse = request_prompt_lapse(event.timestamp, self.clock())
         t.seen.add(fingerprint(event))
         ctx = self._ctx(event, t)
+        t.no_common_method = not common_verification_methods(event.methods)
         await self._engine.feed(t, Input.REQUEST, ctx)
-        if not common_verification_methods(event.methods):
-            log.info("verification %s: no common method in %s", txn, list(event.methods))
-            await self._engine.feed(t, Input.LOCAL_CANCEL, ctx)
+        if t.no_common_method:
+            # Spec: "it should not cancel the request as one of his other devices may support
+            # the request"; tell the operator, who may reject it (cancel) or let it lapse.
+            log.warning(
+                "verification %s from %s %s: no supported method in %s; left to the operator",
+                txn,
+                event.sender,
+                peer_device,
+                [m[:64] for m in list(event.methods)[:8]],
+            )
             return
         if self.policy.auto_accept:
             await self._engine.feed(t, Input.LOCAL_READY, Ctx())

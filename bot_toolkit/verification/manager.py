@@ -26,7 +26,12 @@ Rules that live here rather than in the table (the table decides every cancel co
 * a request or start from a device whose keys we have not downloaded is held while the keys are
   queried (at most ``VerificationPolicy.key_query_timeout`` seconds); if they do not arrive the
   request is refused with ``m.user`` and logged;
-* a cancel is never answered; cancels caused by inbound events are capped per peer device
+* a request offering no method we support is not cancelled (the spec: another of the user's
+  devices may support it): it stays ``requested_in`` in :meth:`VerificationManager.list_in_progress`
+  (logged), is never auto-accepted nor accepted by :meth:`VerificationManager.confirm`, and
+  lapses silently unless the operator refuses it with :meth:`VerificationManager.cancel`
+  (``m.user``);
+* a cancel is never answered; cancels caused by inbound events are capped per peer user
   (:class:`~bot_toolkit.verification.policy.ErrorReplyLimiter`);
 * a malformed verification event cannot become a typed event; :meth:`VerificationManager.watch`
   makes the nio plugin dispatch such events as
@@ -283,11 +288,15 @@ class VerificationManager:
         return self._txns.in_progress()
 
     async def confirm(self, verification_id: str) -> bool:
-        """Operator: the SAS matches (or: accept a pending request). False when not possible."""
+        """Operator: the SAS matches (or: accept a pending request). False when not possible
+        (also for a request offering no method we support)."""
         txn = TransactionId(verification_id)
         async with self._lock(txn):
             t = self._live(txn)
             if t.state is State.REQUESTED_IN:
+                if t.no_common_method:
+                    log.info("verification %s: no supported method; cannot accept", txn)
+                    return False
                 return await self._engine.feed(t, Input.LOCAL_READY, Ctx())
             if t.state in _CONFIRMABLE:
                 return await self._engine.feed(t, Input.LOCAL_CONFIRM, Ctx())

@@ -54,6 +54,10 @@ class Txn:
     """The reason of our next cancel when it is not the code's usual one."""
     ended: bool = False
     """The engine recorded the outcome (it does so once)."""
+    no_common_method: bool = False
+    """An inbound request offering no method we support: never answered with ready."""
+    """An inbound request offering no method we support: never answered with ready."""
+    """The engine recorded the outcome (it does so once)."""
     finished: asyncio.Future[VerificationDone | VerificationCancelled] | None = None
 
 
