@@ -94,6 +94,10 @@ class NioKeySource:
             response = await self._client.keys_query()
         except LocalProtocolError:  # the sync loop's own query took the user already
             return
+        if _nothing_to_query(response):
+            # The nio plugin's guard: the sync loop's own query took the user already.
+            log.debug("keys query for %s: already done by the sync loop", user_id)
+            return
         if type(response).__name__ != "KeysQueryResponse":
             log.warning("keys query for %s failed: %s", user_id, type(response).__name__)
 
@@ -136,6 +140,18 @@ class NioKeySource:
             return False
         self._client.verify_device(device)
         return True
+
+
+_NO_QUERY_REQUIRED = "No key query required."
+
+
+def _nothing_to_query(response: object) -> bool:
+    """Whether ``keys_query()`` answered that nothing was pending (nio's own wording, also
+    used by the nio plugin's guard); benign: someone else queried the keys already."""
+    return (
+        type(response).__name__ == "KeysQueryError"
+        and getattr(response, "message", None) == _NO_QUERY_REQUIRED
+    )
 
 
 class PeerKeys:

@@ -167,7 +167,11 @@ def emoji_table() -> tuple[Emoji, ...]:
 
 
 def emoji_indices_from_bytes(data: bytes) -> tuple[int, ...]:
-    """The 7 emoji indices: the first 42 bits of 6 SAS bytes, in groups of 6 bits."""
+    """The 7 emoji indices: the first 42 bits of 6 SAS bytes, in groups of 6 bits.
+
+    The spec's formula, kept for the tests that check vodozemac's output against it:
+    :class:`SasSession` itself uses vodozemac's emoji indices, not this function.
+    """
     if len(data) != 6:
         raise ValueError("emoji SAS needs exactly 6 bytes")
     bits = int.from_bytes(data, "big") >> 6
@@ -175,7 +179,11 @@ def emoji_indices_from_bytes(data: bytes) -> tuple[int, ...]:
 
 
 def decimals_from_bytes(data: bytes) -> tuple[int, int, int]:
-    """The 3 SAS numbers (1000..9191): 5 bytes as three 13-bit groups, plus 1000 each."""
+    """The 3 SAS numbers (1000..9191): 5 bytes as three 13-bit groups, plus 1000 each.
+
+    The spec's formula, kept for the tests that check vodozemac's output against it:
+    :class:`SasSession` itself uses vodozemac's decimals, not this function.
+    """
     if len(data) != 5:
         raise ValueError("decimal SAS needs exactly 5 bytes")
     b0, b1, b2, b3, b4 = data
