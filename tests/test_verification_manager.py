@@ -1048,3 +1048,28 @@ def test_each_module_logs_under_its_own_name() -> None:
 
     for module in (engine, inbound, manager, peer_keys, persistence):
         assert module.log.name == module.__name__
+
+
+async def test_cancelled_step_still_ends_the_transaction(clock: FakeClock) -> None:
+    """The task running a step is cancelled mid-send: the transaction is cancelled and ends."""
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None, auto_accept=False)
+    a = await make_side("alice", clock, policy=operator)
+    b = await make_side("bob", clock)
+    wire(a, b)
+    a.outbox.deliver = None
+    a.outbox.hang_types.add("m.key.verification.ready")
+    try:
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, "h1", clock))
+        await eventually(lambda: a.manager.state_of("h1") is State.REQUESTED_IN)
+        step = asyncio.ensure_future(a.manager.confirm("h1"))
+        await eventually(lambda: a.manager.state_of("h1") is State.READY)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        assert a.manager.state_of("h1") is State.CANCELLED
+        outcome = await a.manager.wait_finished("h1", timeout=5)
+        assert isinstance(outcome, VerificationCancelled) and outcome.code == "m.user"
+        assert a.outbox.cancels("h1") == ["m.user"]
+        assert a.manager.list_in_progress() == []
+    finally:
+        await close_sides(a, b)

@@ -97,10 +97,14 @@ class FakeOutbox:
         self.deliver: Callable[[str, str, str, dict[str, Any]], None] | None = None
         self.fail_types: set[str] = set()
         """Event types whose sends raise ``OutboxClosed`` (nothing recorded)."""
+        self.hang_types: set[str] = set()
+        """Event types whose sends never return (nothing recorded)."""
 
     async def send(self, event_type: str, messages: Any) -> list[str]:
         if event_type in self.fail_types:
             raise OutboxClosed("outbox closed (test)")
+        if event_type in self.hang_types:
+            await asyncio.Event().wait()
         for user, devices in messages.items():
             for device, content in devices.items():
                 self.sent.append((event_type, user, device, dict(content)))

@@ -280,7 +280,9 @@ class Engine:
         """Cancel a live transaction whose action raised (best effort); it ends either way."""
         log.warning("verification %s: %s in state %s; cancelling", t.txn, why, t.state.value)
         try:
-            await self.feed(t, Input.LOCAL_CANCEL, Ctx())
+            # Bounded: the send that failed may be one that hangs (a handler timeout).
+            async with asyncio.timeout(_ABORT_SEND_TIMEOUT):
+                await self.feed(t, Input.LOCAL_CANCEL, Ctx())
         except Exception:
             log.exception("verification %s: could not send the cancel", t.txn)
         if t.state not in TERMINAL_STATES:  # the table always cancels on LOCAL_CANCEL
@@ -455,6 +457,10 @@ class Engine:
             t = self._txns.get(txn)
             if t is not None and t.state not in TERMINAL_STATES:
                 await self.feed(t, inp, Ctx())
+
+
+_ABORT_SEND_TIMEOUT: Final = 10.0
+"""Seconds the best-effort cancel of a transaction whose action raised may take."""
 
 
 class _MarkFailedError(Exception):
