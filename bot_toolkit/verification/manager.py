@@ -48,8 +48,12 @@ Clock: one injected wall clock (``time.time`` by default) drives request freshne
 the deadlines shown to the admin API and persisted across restarts.
 
 Metrics: ``verifications_total{outcome,code}`` (outcome ``done`` / ``cancelled``; code empty for
-done) and ``verification_cancels_sent_total{code}``; ``verification_lifecycle_dropped_total``
-counts lifecycle events a full dispatcher refused.
+done, ``other`` for a code that is not a known ``CancelCode``: peers choose their codes) and
+``verification_cancels_sent_total{code}``; ``verification_lifecycle_dropped_total`` counts
+lifecycle events a full dispatcher refused, ``verification_task_errors_total`` background
+confirmation tasks that failed (logged with the transaction id).
+
+Logs: each module logs under its own name, ``bot_toolkit.verification.<module>``.
 
 Nothing secret is logged: no SAS bytes, no MACs, no keys' private parts (they never leave
 vodozemac anyway). Transaction ids are logged.
