@@ -66,6 +66,34 @@ def _done(side: Side, txn: str) -> bool:
     return any(e.transaction_id == txn for e in side.of(VerificationDone))
 
 
+def _scripted_starter(a: Side, b: Side, txn: str) -> SasSession:
+    """Bob's side of a SAS that the test drives by hand: Bob starts, the manager of ``a``
+    accepts."""
+    return SasSession(
+        transaction_id=txn,
+        us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
+        them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
+        we_started=True,
+    )
+
+
+async def _keys_exchanged(
+    a: Side, b: Side, txn: str, clock: FakeClock, *, until: str
+) -> SasSession:
+    """Drive request, start, accept and both keys by hand as Bob; wait until ``a`` has sent one
+    event of type ``until`` (``key``, or ``mac`` when ``a`` confirms at once). Returns Bob."""
+    a.put_raw(b.user_id, "m.key.verification.request", _request(b, txn, clock))
+    await eventually(lambda: a.manager.state_of(txn) is State.READY)
+    bob = _scripted_starter(a, b, txn)
+    a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
+    await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
+    bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
+    a.put_raw(b.user_id, "m.key.verification.key", bob.our_key_event_content())
+    await eventually(lambda: len(a.outbox.of_type(until, txn)) == 1)
+    bob.receive_their_key(a.outbox.of_type("key", txn)[0][3]["key"])
+    return bob
+
+
 async def test_we_request_and_start_both_end_verified(pair: tuple[Side, Side]) -> None:
     a, b = pair
     txn = await b.manager.request_verification(a.user_id, a.device_id)
@@ -458,12 +486,7 @@ async def test_duplicates_ignored_and_two_keys_never(clock: FakeClock) -> None:
         await eventually(lambda: a.manager.state_of(txn) is State.READY)
         await settle(a)
         assert len(a.outbox.of_type("ready", txn)) == 1
-        bob_sas = SasSession(
-            transaction_id=txn,
-            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
-            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
-            we_started=True,
-        )
+        bob_sas = _scripted_starter(a, b, txn)
         start = bob_sas.start_content()
         for _ in range(3):
             a.put_raw(b.user_id, "m.key.verification.start", start)
@@ -500,20 +523,7 @@ async def test_wrong_mac_is_key_mismatch(clock: FakeClock) -> None:
     a.outbox.deliver = None
     try:
         txn = "mac1"
-        a.put_raw(b.user_id, "m.key.verification.request", _request(b, txn, clock))
-        await eventually(lambda: a.manager.state_of(txn) is State.READY)
-        bob = SasSession(
-            transaction_id=txn,
-            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
-            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
-            we_started=True,
-        )
-        a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
-        await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
-        bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
-        a.put_raw(b.user_id, "m.key.verification.key", bob.our_key_event_content())
-        await eventually(lambda: len(a.outbox.of_type("key", txn)) == 1)
-        bob.receive_their_key(a.outbox.of_type("key", txn)[0][3]["key"])
+        bob = await _keys_exchanged(a, b, txn, clock, until="key")
         # MAC over the wrong device key.
         mac = bob.mac_content({f"ed25519:{b.device_id}": "not-bobs-key"})
         a.put_raw(b.user_id, "m.key.verification.mac", mac)
@@ -528,12 +538,7 @@ async def test_legacy_start_first_flow(pair: tuple[Side, Side]) -> None:
     a, b = pair
     a.outbox.deliver = None
     txn = "legacy1"
-    bob = SasSession(
-        transaction_id=txn,
-        us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
-        them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
-        we_started=True,
-    )
+    bob = _scripted_starter(a, b, txn)
     a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
     await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
     assert a.manager.state_of(txn) is State.LEGACY_STARTED_IN
@@ -636,12 +641,7 @@ async def test_watch_commits_to_the_raw_start(clock: FakeClock) -> None:
     assert plugin.dispatch_undecodable and len(plugin.decoded) == 1
     try:
         txn = "raw1"
-        bob = SasSession(
-            transaction_id=txn,
-            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
-            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
-            we_started=True,
-        )
+        bob = _scripted_starter(a, b, txn)
         raw_start = dict(bob.start_content(), **{"org.example.extra": [1, {"x": None}]})
         plugin.feed(a, b.user_id, "m.key.verification.start", raw_start)
         await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
@@ -715,20 +715,7 @@ async def test_mac_master_cross_signing_key(
         a.keys.masters[b.user_id] = BOB_MASTER
     try:
         txn = f"master-{case}"
-        a.put_raw(b.user_id, "m.key.verification.request", _request(b, txn, clock))
-        await eventually(lambda: a.manager.state_of(txn) is State.READY)
-        bob = SasSession(
-            transaction_id=txn,
-            us=Party(b.user_id, b.device_id),  # type: ignore[arg-type]
-            them=Party(a.user_id, a.device_id),  # type: ignore[arg-type]
-            we_started=True,
-        )
-        a.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
-        await eventually(lambda: len(a.outbox.of_type("accept", txn)) == 1)
-        bob.receive_accept(a.outbox.of_type("accept", txn)[0][3])
-        a.put_raw(b.user_id, "m.key.verification.key", bob.our_key_event_content())
-        await eventually(lambda: len(a.outbox.of_type("mac", txn)) == 1)
-        bob.receive_their_key(a.outbox.of_type("key", txn)[0][3]["key"])
+        bob = await _keys_exchanged(a, b, txn, clock, until="mac")
         mac = _bob_mac(case, bob, b)
         a.put_raw(b.user_id, "m.key.verification.mac", mac)
         if verified is None:
