@@ -41,6 +41,7 @@ from tests.verification_helpers import (
     make_side,
     settle,
     wire,
+    wired_sides,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,13 +54,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def pair(clock: FakeClock) -> AsyncIterator[tuple[Side, Side]]:
-    a = await make_side("alice", clock)
-    b = await make_side("bob", clock)
-    wire(a, b)
-    try:
+    async with wired_sides(clock) as (a, b):
         yield a, b
-    finally:
-        await close_sides(a, b)
 
 
 def _done(side: Side, txn: str) -> bool:
@@ -121,18 +117,13 @@ async def test_responder_starts(clock: FakeClock) -> None:
     policy = VerificationPolicy(
         allowed_users=["@*:test"], confirm=auto_confirm(), start_as_requester=False
     )
-    a = await make_side("alice", clock)
-    b = await make_side("bob", clock, policy=policy)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, bob=policy) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: a.manager.state_of(txn) is State.READY)
         assert await a.manager.start_sas(txn)
         await eventually(lambda: _done(a, txn) and _done(b, txn))
         assert a.outbox.of_type("start", txn) and not b.outbox.of_type("start", txn)
         assert (a.user_id, a.device_id) in b.keys.verified
-    finally:
-        await close_sides(a, b)
 
 
 async def test_start_race_smaller_user_wins(clock: FakeClock) -> None:
@@ -140,10 +131,7 @@ async def test_start_race_smaller_user_wins(clock: FakeClock) -> None:
     policy = VerificationPolicy(
         allowed_users=["@*:test"], confirm=auto_confirm(), start_as_requester=False
     )
-    a = await make_side("alice", clock, policy=policy)
-    b = await make_side("bob", clock, policy=policy)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=policy, bob=policy) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: b.manager.state_of(txn) is State.READY)
         await asyncio.gather(a.manager.start_sas(txn), b.manager.start_sas(txn))
@@ -152,8 +140,6 @@ async def test_start_race_smaller_user_wins(clock: FakeClock) -> None:
         assert len(b.outbox.of_type("accept", txn)) == 1
         for side in (a, b):
             assert len(side.outbox.of_type("key", txn)) == 1
-    finally:
-        await close_sides(a, b)
 
 
 async def test_held_request_until_keys_arrive(clock: FakeClock) -> None:
@@ -193,26 +179,21 @@ async def test_held_request_refused_when_keys_never_arrive(clock: FakeClock) -> 
 
 
 async def test_refused_user_gets_m_user(clock: FakeClock) -> None:
-    a = await make_side("alice", clock, policy=VerificationPolicy(allowed_users=["@carol:test"]))
-    b = await make_side("bob", clock)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=VerificationPolicy(allowed_users=["@carol:test"])) as (
+        a,
+        b,
+    ):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
         assert a.outbox.cancels(txn) == ["m.user"]
         assert not a.outbox.of_type("ready")
         # bob never answers the cancel.
         assert not b.outbox.cancels(txn)
-    finally:
-        await close_sides(a, b)
 
 
 async def test_operator_mode_confirm_and_list(clock: FakeClock) -> None:
     operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None, auto_accept=False)
-    a = await make_side("alice", clock, policy=operator)
-    b = await make_side("bob", clock)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=operator) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: a.manager.state_of(txn) is State.REQUESTED_IN)
         [info] = a.manager.list_in_progress()
@@ -239,16 +220,11 @@ async def test_operator_mode_confirm_and_list(clock: FakeClock) -> None:
             await a.manager.confirm(txn)
         with pytest.raises(KeyError):
             await a.manager.confirm("nope")
-    finally:
-        await close_sides(a, b)
 
 
 async def test_operator_cancel_and_peer_cancel_not_answered(clock: FakeClock) -> None:
     operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
-    a = await make_side("alice", clock, policy=operator)
-    b = await make_side("bob", clock, policy=operator)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=operator, bob=operator) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: b.manager.state_of(txn) is State.KEYS_EXCHANGED)
         assert await b.manager.cancel(txn)
@@ -262,30 +238,23 @@ async def test_operator_cancel_and_peer_cancel_not_answered(clock: FakeClock) ->
         assert not await b.manager.cancel(txn)
         assert b.metrics.get("verification_cancels_sent_total").get("m.user") == 1  # type: ignore[union-attr]
         assert a.metrics.get("verifications_total").get("cancelled", "m.user") == 1  # type: ignore[union-attr]
-    finally:
-        await close_sides(a, b)
 
 
 async def test_mismatch_sends_mismatched_sas(clock: FakeClock) -> None:
     no = VerificationPolicy(allowed_users=["@*:test"], confirm=auto_confirm(False))
-    a = await make_side("alice", clock, policy=no)
-    b = await make_side("bob", clock, policy=VerificationPolicy(allowed_users=["@*:test"]))
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=no, bob=VerificationPolicy(allowed_users=["@*:test"])) as (
+        a,
+        b,
+    ):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: b.manager.state_of(txn) is State.CANCELLED)
         assert a.outbox.cancels(txn) == ["m.mismatched_sas"]
         assert not b.keys.verified and not a.keys.verified
-    finally:
-        await close_sides(a, b)
 
 
 async def test_timeout_overall(clock: FakeClock) -> None:
     operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
-    a = await make_side("alice", clock, policy=operator)
-    b = await make_side("bob", clock, policy=operator)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=operator, bob=operator) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: a.manager.state_of(txn) is State.KEYS_EXCHANGED)
         clock.advance(599)
@@ -301,16 +270,13 @@ async def test_timeout_overall(clock: FakeClock) -> None:
         clock.advance(601)
         await a.manager.check_timeouts()
         assert a.manager.state_of(txn) is None
-    finally:
-        await close_sides(a, b)
 
 
 async def test_timeout_follows_the_policy(clock: FakeClock) -> None:
     short = VerificationPolicy(allowed_users=["@*:test"], confirm=None, timeout=120.0)
-    a = await make_side("alice", clock, policy=short)
-    b = await make_side("bob", clock, policy=VerificationPolicy(allowed_users=["@*:test"]))
-    wire(a, b)
-    try:
+    async with wired_sides(
+        clock, alice=short, bob=VerificationPolicy(allowed_users=["@*:test"])
+    ) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: a.manager.state_of(txn) is State.KEYS_EXCHANGED)
         clock.advance(119)
@@ -319,8 +285,6 @@ async def test_timeout_follows_the_policy(clock: FakeClock) -> None:
         clock.advance(2)
         await a.manager.check_timeouts()
         assert a.outbox.cancels(txn) == ["m.timeout"]
-    finally:
-        await close_sides(a, b)
 
 
 def test_policy_refuses_a_timeout_beyond_the_spec() -> None:
@@ -330,10 +294,7 @@ def test_policy_refuses_a_timeout_beyond_the_spec() -> None:
 
 async def test_unanswered_request_lapses_silently(clock: FakeClock) -> None:
     operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None, auto_accept=False)
-    a = await make_side("alice", clock, policy=operator)
-    b = await make_side("bob", clock)
-    wire(a, b)
-    try:
+    async with wired_sides(clock, alice=operator) as (a, b):
         txn = await b.manager.request_verification(a.user_id, a.device_id)
         await eventually(lambda: a.manager.state_of(txn) is State.REQUESTED_IN)
         clock.advance(121)
@@ -342,8 +303,6 @@ async def test_unanswered_request_lapses_silently(clock: FakeClock) -> None:
         assert a.outbox.cancels(txn) == []  # the prompt lapses; nothing is sent
         await eventually(lambda: bool(a.of(VerificationCancelled)))
         assert a.of(VerificationCancelled)[0].code == "m.timeout"
-    finally:
-        await close_sides(a, b)
 
 
 async def test_stale_and_future_requests_ignored(pair: tuple[Side, Side], clock: FakeClock) -> None:

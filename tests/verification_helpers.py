@@ -220,6 +220,22 @@ async def close_sides(*sides: Side) -> None:
         await side.dispatcher.close(5.0)
 
 
+@contextlib.asynccontextmanager
+async def wired_sides(
+    clock: FakeClock,
+    alice: VerificationPolicy | None = None,
+    bob: VerificationPolicy | None = None,
+) -> AsyncIterator[tuple[Side, Side]]:
+    """Alice and Bob's managers, wired back to back (see :func:`wire`), closed on exit."""
+    a = await make_side("alice", clock, policy=alice)
+    b = await make_side("bob", clock, policy=bob)
+    wire(a, b)
+    try:
+        yield a, b
+    finally:
+        await close_sides(a, b)
+
+
 async def eventually(
     predicate: Callable[[], bool], *, within: float = 10.0, what: str = ""
 ) -> None:
