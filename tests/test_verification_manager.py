@@ -846,6 +846,59 @@ async def test_error_cap_is_per_user_not_per_claimed_device(
     assert len({s[2] for s in a.outbox.of_type("cancel")}) == cap
 
 
+async def test_transaction_cancelled_at_restart_stays_cancelled(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The SIGKILL scenario of issue 11: the bot dies after its ready; the restarted bot cancels
+    the transaction ("verifier restarted"); the peer's start for it, arriving after that (also
+    after a second restart), is ignored like any event of a cancelled transaction: no accept, no
+    new start-first flow, no second cancel."""
+    store = await Store.open(tmp_path / "s.sqlite3")
+    operator = VerificationPolicy(allowed_users=["@*:test"], confirm=None)
+    try:
+        a = await make_side("alice", clock, policy=operator, store=store)
+        b = await make_side("bob", clock, policy=operator)
+        a.keys.known[(b.user_id, b.device_id)] = b.keys.ed25519
+        txn = "killed-mid-flow"
+        a.put_raw(b.user_id, "m.key.verification.request", _request(b, txn, clock))
+        await eventually(lambda: a.manager.state_of(txn) is State.READY)
+        await close_sides(a, b)  # "SIGKILL": nothing is cleaned up
+
+        for run in range(2):
+            restarted = await make_side("alice", clock, policy=operator, store=store)
+            try:
+                expected = [txn] if run == 0 else []
+                assert [s[3]["transaction_id"] for s in restarted.outbox.of_type("cancel")] == (
+                    expected
+                )
+                assert restarted.manager.state_of(txn) is State.CANCELLED
+                bob = _scripted_starter(restarted, b, txn)
+                restarted.put_raw(b.user_id, "m.key.verification.start", bob.start_content())
+                restarted.put_raw(
+                    b.user_id,
+                    "m.key.verification.ready",
+                    {"transaction_id": txn, "from_device": b.device_id, "methods": ["m.sas.v1"]},
+                )
+                await settle(restarted)
+                assert restarted.outbox.of_type("accept") == []
+                assert len(restarted.outbox.of_type("cancel")) == len(expected)
+                assert restarted.manager.state_of(txn) is State.CANCELLED
+                assert restarted.manager.list_in_progress() == []
+                assert not restarted.of(VerificationRequested)
+            finally:
+                await close_sides(restarted)
+        # Past the id's retention it is forgotten (then an unknown id, like any other).
+        clock.advance(601)
+        restarted = await make_side("alice", clock, policy=operator, store=store)
+        try:
+            assert restarted.manager.state_of(txn) is None
+            assert await store.fetchall("SELECT * FROM verification_cancelled") == []
+        finally:
+            await close_sides(restarted)
+    finally:
+        await store.close()
+
+
 async def test_restart_forgets_only_the_rows_it_cancelled(tmp_path: Path, clock: FakeClock) -> None:
     """A transaction begun before ``start()`` ran keeps its restart row."""
     store = await Store.open(tmp_path / "s.sqlite3")

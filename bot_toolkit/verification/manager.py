@@ -43,6 +43,8 @@ Restart: the ephemeral SAS keys are never persisted, so a transaction cannot sur
 Each live transaction's (txn, peer user, peer device, deadline) is kept in the store; on
 :meth:`VerificationManager.start` every unexpired one gets ``m.key.verification.cancel``
 (``m.user``, "verifier restarted") so the peer's UI does not hang; expired ones are dropped.
+A transaction cancelled so stays cancelled (its id is kept, also across a further restart):
+later events for it are ignored like those of any cancelled transaction, never a new flow.
 
 Clock: one injected wall clock (``time.time`` by default) drives request freshness, timeouts and
 the deadlines shown to the admin API and persisted across restarts.
@@ -83,8 +85,9 @@ from .lifecycle import (
     VerificationDone,
 )
 from .peer_keys import KeySource, NioKeySource, PeerKeys
-from .persistence import InflightStore, StoreLike
+from .persistence import RESTART_REASON, InflightStore, StoreLike
 from .policy import (
+    TRANSACTION_IDLE_TIMEOUT,
     AttemptTracker,
     VerificationPolicy,
 )
@@ -207,8 +210,18 @@ class VerificationManager:
             count = sum(len(devices) for devices in messages.values())
             self._engine.m_cancels.inc(str(CancelCode.USER), amount=count)
             sent += count
-        # Only the rows dealt with: a transaction this run began meanwhile keeps its row.
-        await self._inflight.forget(left_over)
+        # Only the rows dealt with: a transaction this run began meanwhile keeps its row. The
+        # ids cancelled stay cancelled (here and across a further restart): a late start or
+        # ready of the peer must not begin a new flow with the same id.
+        now = self.clock()
+        cancelled = await self._inflight.cancelled(now)
+        for txn, messages in left_over.items():
+            cancelled[txn] = next(iter(messages))
+        await self._inflight.mark_cancelled(
+            {txn: cancelled[txn] for txn in left_over}, now + TRANSACTION_IDLE_TIMEOUT
+        )
+        for txn, user in cancelled.items():
+            self._txns.cancelled_earlier(TransactionId(txn), UserId(user), RESTART_REASON)
         if self._timer_task is None and self.tick > 0:
             self._timer_task = asyncio.get_running_loop().create_task(
                 self._timer_loop(), name="bot_toolkit.verification.timers"

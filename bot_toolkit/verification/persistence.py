@@ -4,6 +4,12 @@ The ephemeral SAS keys are never persisted, so a transaction cannot survive a re
 transaction's (txn, peer user, peer device, deadline) is kept in the ``verification_inflight``
 table; on start-up every unexpired one gets ``m.key.verification.cancel`` (``m.user``,
 :data:`RESTART_REASON`) so the peer's UI does not hang; expired ones are dropped.
+
+A transaction cancelled that way stays cancelled: its id moves to the ``verification_cancelled``
+table (kept :data:`~bot_toolkit.verification.policy.TRANSACTION_IDLE_TIMEOUT` seconds, across
+further restarts too) and the manager holds it as a finished transaction, so a late ``start``
+or ``ready`` of the peer for it is ignored like any event of a cancelled transaction instead of
+beginning a new (start-first) flow.
 """
 
 from __future__ import annotations
@@ -34,7 +40,16 @@ _MIGRATIONS: Final[dict[int, list[str]]] = {
             PRIMARY KEY (txn, user_id, device_id)
         )
         """
-    ]
+    ],
+    2: [
+        """
+        CREATE TABLE verification_cancelled (
+            txn TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            until REAL NOT NULL
+        )
+        """
+    ],
 }
 
 CancelMessages = dict[str, dict[str, dict[str, Any]]]
@@ -84,6 +99,32 @@ class InflightStore:
         await self.forget(expired - by_txn.keys())
         return by_txn
 
+    async def cancelled(self, now: float) -> dict[str, str]:
+        """Transactions cancelled at an earlier restart and still remembered: ``{txn: user}``.
+
+        Forgets those past their time. Call after :meth:`restart_cancels` (which migrates).
+        """
+        if self.store is None:
+            return {}
+        async with self.store.transaction() as conn:
+            await conn.execute("DELETE FROM verification_cancelled WHERE until <= ?", (now,))
+        rows = await self.store.fetchall("SELECT txn, user_id FROM verification_cancelled")
+        return {str(txn): str(user) for txn, user in rows}
+
+    async def mark_cancelled(self, cancelled: Mapping[str, str], until: float) -> None:
+        """These transactions (``{txn: user}``) were cancelled at this restart: forget their
+        live rows and remember their ids until ``until``, in one store transaction."""
+        if self.store is None or not cancelled:
+            return
+        async with self.store.transaction() as conn:
+            for txn, user in sorted(cancelled.items()):
+                await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
+                await conn.execute(
+                    "INSERT OR REPLACE INTO verification_cancelled (txn, user_id, until) "
+                    "VALUES (?, ?, ?)",
+                    (txn, user, until),
+                )
+
     async def forget(self, txns: Iterable[str]) -> None:
         """Delete the rows of these transactions (those a restart dealt with)."""
         if self.store is None:
@@ -101,6 +142,7 @@ class InflightStore:
             return
         async with self.store.transaction() as conn:
             await conn.execute("DELETE FROM verification_inflight")
+            await conn.execute("DELETE FROM verification_cancelled")
 
     async def add(self, txn: str, user: str, devices: Sequence[str], deadline: float) -> None:
         """Keep a live transaction (logged, never raised, on failure)."""

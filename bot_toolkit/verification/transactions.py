@@ -22,7 +22,7 @@ from ..http_api import VerificationInfo
 from .lifecycle import VerificationCancelled, VerificationDone
 from .policy import VERIFICATION_TIMEOUT, TransactionTimers
 from .sas import SasSession
-from .table import TERMINAL_STATES, State
+from .table import TERMINAL_STATES, CancelCode, State
 
 __all__ = ["Ctx", "Transactions", "Txn", "fingerprint"]
 
@@ -56,8 +56,6 @@ class Txn:
     """The engine recorded the outcome (it does so once)."""
     no_common_method: bool = False
     """An inbound request offering no method we support: never answered with ready."""
-    """An inbound request offering no method we support: never answered with ready."""
-    """The engine recorded the outcome (it does so once)."""
     finished: asyncio.Future[VerificationDone | VerificationCancelled] | None = None
 
 
@@ -117,6 +115,26 @@ class Transactions:
         self._txns[t.txn] = t
         t.finished = asyncio.get_running_loop().create_future()
         self.timers.begin(t.txn, lapse_in=t.lapse)
+
+    def cancelled_earlier(self, txn: TransactionId, user: UserId, reason: str) -> None:
+        """Hold ``txn``, cancelled by an earlier run of the bot, as a finished transaction.
+
+        Later events for it are then ignored like those of any cancelled transaction (the
+        table's terminal states) instead of beginning a new flow; the id is forgotten with the
+        other finished ones. No outcome is recorded: it was recorded (or lost) by that run.
+        """
+        if txn in self._txns:
+            return
+        t = Txn(txn, user, None, False, state=State.CANCELLED, ended=True)
+        t.cancel_code, t.cancel_reason = str(CancelCode.USER), reason
+        loop = asyncio.get_running_loop()
+        t.finished = loop.create_future()
+        t.finished.set_result(
+            VerificationCancelled(txn, user, None, t.cancel_code, reason, by_us=True)
+        )
+        self._txns[txn] = t
+        self.timers.begin(txn)
+        self.timers.finish(txn)
 
     def touch(self, txn: TransactionId) -> None:
         """Something was sent or received in ``txn``: reset its idle timer."""
