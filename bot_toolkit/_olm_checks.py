@@ -13,14 +13,72 @@ failed rule (a metric label and a log line) or ``None``; nothing here raises for
 
 ``olm`` is nio's ``Olm`` machine (``client.olm``): its user id, account keys, device store and
 ``verify_json`` are used.
+
+Key checks on peer-chosen public keys, before nio sees them (nio 0.26 lets vodozemac's
+``KeyException`` for an ed25519 key that is not a curve point escape from a whole key query):
+:func:`curve25519_problem`, :func:`ed25519_problem` and :func:`device_keys_problem`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 from typing import Any
 
-__all__ = ["payload_problem", "sender_device_keys_problem"]
+import vodozemac
+
+__all__ = [
+    "curve25519_problem",
+    "device_keys_problem",
+    "ed25519_problem",
+    "payload_problem",
+    "sender_device_keys_problem",
+]
+
+_KEY_BYTES = 32
+
+
+def _key_bytes(key: object) -> bytes | None:
+    """The 32 bytes of an unpadded-base64 public key, or ``None``."""
+    if not isinstance(key, str) or len(key) != 43:
+        return None
+    try:
+        raw = base64.b64decode(key + "=", validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == _KEY_BYTES else None
+
+
+def curve25519_problem(key: object) -> str | None:
+    """Why ``key`` is not a Curve25519 public key (every 32-byte string is one), or ``None``."""
+    return None if _key_bytes(key) is not None else "invalid curve25519 key"
+
+
+def ed25519_problem(key: object) -> str | None:
+    """Why ``key`` is not an Ed25519 public key (32 bytes that decompress to a curve point)."""
+    if _key_bytes(key) is None:
+        return "invalid ed25519 key"
+    try:
+        vodozemac.Ed25519PublicKey.from_base64(key)  # type: ignore[arg-type]
+    except Exception:  # vodozemac.KeyException: not a point on the curve
+        return "invalid ed25519 key"
+    return None
+
+
+def device_keys_problem(device_id: str, payload: object) -> str | None:
+    """Why a device's ``/keys/query`` entry must be skipped (a metric label), or ``None``.
+
+    Only the key material is checked here; nio checks the self-signature afterwards.
+    """
+    if not isinstance(payload, dict):
+        return "malformed device keys"
+    keys = payload.get("keys")
+    if not isinstance(keys, dict):
+        return "malformed device keys"
+    return ed25519_problem(keys.get(f"ed25519:{device_id}")) or curve25519_problem(
+        keys.get(f"curve25519:{device_id}")
+    )
 
 
 def payload_problem(olm: Any, sender: str, sender_key: str | None, payload: Any) -> str | None:

@@ -584,6 +584,7 @@ class Bot:
             auto_accept=True,
             max_error_replies=max(1, v.max_error_replies),
             timeout=v.timeout,
+            own_devices=v.own_devices,
         )
 
     async def _build(self) -> None:
@@ -592,8 +593,13 @@ class Bot:
         cfg = self.config
         dispatcher = Dispatcher(self.metrics)
         self.dispatcher = dispatcher
+        own_devices = cfg.verification.own_devices
         self.plugin = nio_plugin.attach(
-            client, dispatcher, intercept_verification=True, metrics=self.metrics
+            client,
+            dispatcher,
+            intercept_verification=True,
+            metrics=self.metrics,
+            trusted_own_devices=own_devices,
         )
         try:
             self.store = await Store.open(self.data_dir / STORE_FILE)
@@ -624,6 +630,7 @@ class Bot:
                 send_withheld=cfg.keys.send_withheld,
                 no_olm_notices=cfg.keys.no_olm_notices,
                 notify_blacklisted=cfg.keys.notify_blacklisted,
+                own_devices=frozenset(own_devices),
             ),
             metrics=self.metrics,
         )

@@ -200,6 +200,13 @@ def _patterns(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _device_ids(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    for i, device_id in enumerate(value):
+        if not device_id or device_id.strip() != device_id or "*" in device_id:
+            raise ConfigError(f"{key}[{i}]", f"expected an exact device id, got {device_id!r}")
+    return value
+
+
 def _admin_token(key: str, value: Secret | None) -> Secret | None:
     if value is not None and len(value.reveal()) < _MIN_ADMIN_TOKEN:
         raise ConfigError(key, f"too short: use at least {_MIN_ADMIN_TOKEN} random characters")
@@ -278,6 +285,10 @@ class VerificationConfig:
     max_error_replies: int = field(default=3, metadata=_check(_at_least(0)))
     """At most this many cancel replies per peer device per minute for malformed or unexpected
     events; more are dropped, so a misbehaving peer cannot make the bot flood."""
+    own_devices: tuple[str, ...] = field(default=(), metadata=_check(_device_ids))
+    """Device ids of the bot's own account that may verify the bot and get its room keys.
+    Empty (the default): no other device of the bot's account is ever verified or given a key,
+    whatever :attr:`allowed_users` says."""
 
     def allows(self, user_id: str) -> bool:
         """Whether ``user_id`` matches one of :attr:`allowed_users` (case-sensitive globbing)."""

@@ -365,6 +365,8 @@ class KeySharing:
         return DeviceTrust(
             verified=bool(olm.is_device_verified(device)),
             blacklisted=bool(olm.is_device_blacklisted(device)),
+            unlisted_own=device.user_id == olm.user_id
+            and device.device_id not in self.policy.own_devices,
         )
 
     def _wrap_should_share(
@@ -434,12 +436,14 @@ class KeySharing:
             if original(device):
                 return True
             # Only while nio picks the devices for a room key: the policy withholds the key from
-            # unverified devices by making nio skip them like blacklisted ones.
+            # unverified devices, and from own devices the operator did not name, by making nio
+            # skip them like blacklisted ones.
+            if not (self._attached and self._withholding):
+                return False
+            if device.user_id == olm.user_id and device.device_id not in self.policy.own_devices:
+                return True
             return bool(
-                self._attached
-                and self._withholding
-                and self.policy.share_with is ShareWith.VERIFIED
-                and not olm.is_device_verified(device)
+                self.policy.share_with is ShareWith.VERIFIED and not olm.is_device_verified(device)
             )
 
         return is_device_blacklisted
@@ -718,6 +722,7 @@ class KeySharing:
                 requester_user_id=event.sender,
                 requester=trust,
                 have_session=lambda: _holds_session(olm, event),
+                requester_device_id=event.requesting_device_id,
             )
         except WithheldError as refusal:
             if not self._request_limit.allow(event.sender):

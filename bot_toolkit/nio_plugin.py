@@ -77,7 +77,7 @@ import copy
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -92,7 +92,7 @@ from bot_toolkit._nio_identity import (
     device_keys,
     our_identity,
 )
-from bot_toolkit._olm_checks import payload_problem
+from bot_toolkit._olm_checks import curve25519_problem, device_keys_problem, payload_problem
 from bot_toolkit._patching import InstancePatch
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
@@ -139,6 +139,7 @@ def attach(
     backpressure_timeout: float = 10.0,
     metrics: Metrics | None = None,
     dispatch_undecodable: bool = False,
+    trusted_own_devices: Collection[str] = (),
 ) -> NioPlugin:
     """Feed every to-device event ``client`` receives into ``dispatcher``; see the module doc.
 
@@ -149,6 +150,8 @@ def attach(
         metrics: where to count (default: the dispatcher's registry).
         dispatch_undecodable: dispatch an :class:`~bot_toolkit.undecodable.UndecodableEvent`
             for each event that fails to decode (also settable later on the plugin).
+        trusted_own_devices: devices of the client's own user whose room-key requests nio may
+            serve (forward keys to, when verified); nio never sees any other key request.
 
     Raises:
         TypeError: ``client`` is not a ``nio.AsyncClient``.
@@ -168,6 +171,7 @@ def attach(
         backpressure_timeout=backpressure_timeout,
         metrics=metrics,
         dispatch_undecodable=dispatch_undecodable,
+        trusted_own_devices=trusted_own_devices,
     )
 
 
@@ -193,6 +197,7 @@ class NioPlugin:
         backpressure_timeout: float,
         metrics: Metrics | None,
         dispatch_undecodable: bool = False,
+        trusted_own_devices: Collection[str] = (),
     ) -> None:
         self.client = client
         self.dispatcher = dispatcher
@@ -200,6 +205,8 @@ class NioPlugin:
         self.backpressure_timeout = backpressure_timeout
         self.dispatch_undecodable = dispatch_undecodable
         """Whether an :class:`UndecodableEvent` is dispatched for each event failing to decode."""
+        self.trusted_own_devices = frozenset(trusted_own_devices)
+        """Own devices whose key requests reach nio (see :func:`attach`)."""
         self._error_listeners: list[DecodeErrorListener] = []
         self._decoded_listeners: list[DecodedListener] = []
         self.metrics = metrics or getattr(dispatcher, "metrics", None) or Metrics()
@@ -222,6 +229,16 @@ class NioPlugin:
         )
         self._m_errors = m.counter(
             "nio_plugin_errors_total", "Unexpected errors caught inside the nio hooks", ["where"]
+        )
+        self._m_kept = m.counter(
+            "nio_kept_from_nio_total",
+            "To-device events handled without nio (reason: key_request, invalid_sender_key)",
+            ["reason"],
+        )
+        self._m_skipped = m.counter(
+            "nio_devices_skipped_total",
+            "Devices left out of a key query answer because their keys are malformed",
+            ["reason"],
         )
         self._m_intercepted = m.counter(
             "nio_verification_intercepted_total",
@@ -301,6 +318,7 @@ class NioPlugin:
             self._patches.append(
                 InstancePatch(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
             )
+            self._patches.append(InstancePatch(olm, "_handle_key_query", self._wrap_key_query))
             if self.intercept_verification:
                 self._patches.append(
                     InstancePatch(olm, "handle_key_verification", self._wrap_verification)
@@ -342,8 +360,14 @@ class NioPlugin:
                 envelope = _envelope_of(raw)
             except Exception:
                 self._error("envelope")
+            kept = self._kept_from_nio(raw, envelope)
             outer, self._envelope = self._envelope, envelope
             try:
+                if kept is not None:
+                    self._m_kept.inc(kept)
+                    if envelope is not None:
+                        envelope.rejected = True
+                    return None
                 return original(event)
             except Exception:
                 # nio 0.26 lets e.g. vodozemac's DecodeException for a malformed Olm body
@@ -352,10 +376,90 @@ class NioPlugin:
                 return None
             finally:
                 self._envelope = outer
+                self._drop_empty_entries(raw, envelope)
                 self._after_event(raw, envelope)
 
         setattr(handle_decrypt_to_device, _MARK, self)
         return handle_decrypt_to_device
+
+    def _kept_from_nio(self, raw: object, envelope: _Envelope | None) -> str | None:
+        """Why nio must not see this wire event (it is still dispatched), or ``None``.
+
+        * An Olm envelope whose ``sender_key`` is not a Curve25519 key: nio would index its
+          session store with it (a new empty entry per key) before failing.
+        * A room-key request (or cancellation) from anyone but a trusted own device: nio
+          forwards keys to verified devices of our own user, and keeps a cancellation's
+          ``(sender, requesting_device_id)`` in a ``defaultdict`` for good. Our key-sharing
+          handlers answer these requests from the dispatcher.
+        """
+        if envelope is not None and curve25519_problem(envelope.sender_key) is not None:
+            return "invalid_sender_key"
+        if isinstance(raw, dict) and raw.get("type") == "m.room_key_request":
+            content = raw.get("content")
+            device = content.get("requesting_device_id") if isinstance(content, dict) else None
+            if raw.get("sender") != self.client.user_id or device not in self.trusted_own_devices:
+                return "key_request"
+        return None
+
+    def _drop_empty_entries(self, raw: object, envelope: _Envelope | None) -> None:
+        """Remove the empty entries nio's ``defaultdict`` look-ups left for this event's keys.
+
+        nio 0.26 indexes its device store by sender, its Olm session store by sender key and
+        its waiting key requests by (sender, device) while handling an event, which inserts an
+        empty entry for every new key a peer chooses. Empty entries carry no state, so
+        removing them changes nothing but memory.
+        """
+        olm = self.client.olm
+        if olm is None or not isinstance(raw, dict):
+            return
+        try:
+            sender = raw.get("sender")
+            devices: dict[Any, Any] = olm.device_store._entries
+            if isinstance(sender, str) and sender in devices and not devices[sender]:
+                del devices[sender]
+            sessions: dict[Any, Any] = olm.session_store._entries
+            key = envelope.sender_key if envelope is not None else None
+            if key is not None and key in sessions and not sessions[key]:
+                del sessions[key]
+            content = raw.get("content")
+            if isinstance(content, dict):
+                waiting: dict[Any, Any] = olm.key_requests_waiting_for_session
+                pair = (sender, content.get("requesting_device_id"))
+                if pair in waiting and not waiting[pair]:
+                    del waiting[pair]
+        except Exception:
+            self._error("drop_empty_entries")
+
+    def _wrap_key_query(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def handle_key_query(response: Any) -> Any:
+            if self._attached:
+                self._skip_malformed_devices(response)
+            return original(response)
+
+        return handle_key_query
+
+    def _skip_malformed_devices(self, response: Any) -> None:
+        """Remove devices with malformed keys from a ``/keys/query`` answer before nio reads it.
+
+        nio 0.26 checks each device's self-signature with its ed25519 key; a key that is not a
+        curve point raises out of the whole answer, so one bad device of one user would hide
+        every device of every user queried with it (and a bad curve25519 key breaks sharing a
+        room key later). Such a device is skipped, counted and logged: it never enters nio's
+        device store, so it is never given a key.
+        """
+        try:
+            for user_id, devices in response.device_keys.items():
+                if not isinstance(devices, dict):
+                    continue
+                for device_id in list(devices):
+                    reason = device_keys_problem(str(device_id), devices[device_id])
+                    if reason is None:
+                        continue
+                    del devices[device_id]
+                    self._m_skipped.inc(reason)
+                    logger.warning("skipped device %.64s of %.255s: %s", device_id, user_id, reason)
+        except Exception:
+            self._error("skip_malformed_devices")
 
     def _wrap_verify(
         self, olm: Any, original: Callable[[str, Any], Any]

@@ -235,6 +235,8 @@ class DeviceTrust:
 
     verified: bool = False
     blacklisted: bool = False
+    unlisted_own: bool = False
+    """A device of the bot's own user that is not in :attr:`SharingPolicy.own_devices`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +260,11 @@ class SharingPolicy:
     ``m.unavailable``. An authorised request for a session it holds is left to nio, which
     forwards the key itself: the two never both answer.
 
+    Devices of the bot's own user get keys (shared or forwarded) only when the operator named
+    them in ``own_devices``; any other device of the bot's account is refused with
+    ``m.unauthorised``, verified or not (someone holding the bot's password can add a device
+    and would otherwise get every Megolm session the bot holds).
+
     ``send_withheld`` switches every notice except ``m.no_olm`` off.
     """
 
@@ -268,8 +275,15 @@ class SharingPolicy:
     answer_key_requests: bool = True
     dummy_on_no_olm: bool = True
     """Answer a received ``m.no_olm`` by opening an Olm session and sending ``m.dummy``."""
+    own_devices: frozenset[str] = frozenset()
+    """Device ids of the bot's own user that may get room keys (the operator's opt-in)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.own_devices, str) or not all(
+            isinstance(d, str) and d for d in self.own_devices
+        ):
+            raise ValueError(f"own_devices: expected device ids, got {self.own_devices!r}")
+        object.__setattr__(self, "own_devices", frozenset(self.own_devices))
         try:
             object.__setattr__(self, "share_with", ShareWith(self.share_with))
         except ValueError:
@@ -293,6 +307,10 @@ class SharingPolicy:
         Returns True to share, False to skip silently; raises :class:`WithheldError` to skip and
         tell the device why.
         """
+        if trust.unlisted_own:
+            if self.send_withheld:
+                raise WithheldError(WithheldCode.UNAUTHORISED)
+            return False
         if trust.blacklisted:
             if self.send_withheld and self.notify_blacklisted:
                 raise WithheldError(WithheldCode.BLACKLISTED)
@@ -317,6 +335,7 @@ class SharingPolicy:
         requester_user_id: str,
         requester: DeviceTrust | None,
         have_session: bool | Callable[[], bool],
+        requester_device_id: str | None = None,
     ) -> None:
         """Decide an incoming ``m.room_key_request``.
 
@@ -325,10 +344,13 @@ class SharingPolicy:
         ``m.unavailable`` otherwise. Authorisation is checked first, so an unauthorised requester
         never learns whether the bot holds the key. ``have_session`` may be a callable: it is
         called only for an authorised requester (the look-up costs nothing for anyone else).
+        Only a device in :attr:`own_devices` can be authorised.
         """
         if (
             requester_user_id != own_user_id
+            or requester_device_id not in self.own_devices
             or requester is None
+            or requester.unlisted_own
             or requester.blacklisted
             or not requester.verified
         ):

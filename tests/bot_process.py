@@ -83,7 +83,9 @@ class BotProcess:
         self.transport = HttpTransport(self.synapse.url, self.user.access_token)
         self.outbox = Outbox(self.transport, self.store, self.metrics, dispatcher=self.dispatcher)
         await self.outbox.start()
-        self.plugin = nio_plugin.attach(self.client, self.dispatcher)
+        self.plugin = nio_plugin.attach(
+            self.client, self.dispatcher, trusted_own_devices=self.policy.own_devices
+        )
         self.sharing = await key_sharing.attach(
             self.client,
             store=self.store,

@@ -234,7 +234,11 @@ async def test_key_requests_are_answered_only_where_nio_does_not(offline: Offlin
     olm = offline.olm
     outbox = FakeOutbox()
     sharing = await key_sharing.attach(
-        offline.client, store=offline.store, outbox=outbox, dispatcher=offline.dispatcher
+        offline.client,
+        store=offline.store,
+        outbox=outbox,
+        dispatcher=offline.dispatcher,
+        policy=SharingPolicy(own_devices=frozenset({"OTHERDEV", "UNVERIFIED"})),
     )
     own_curve = olm.account.identity_keys["curve25519"]
     olm.create_outbound_group_session("!room:example.org")
@@ -242,6 +246,8 @@ async def test_key_requests_are_answered_only_where_nio_does_not(offline: Offlin
     mine, _ = offline.add_device(BOT, "OTHERDEV")
     olm.verify_device(mine)
     offline.add_device(BOT, "UNVERIFIED")
+    unlisted, _ = offline.add_device(BOT, "NOTLISTED")
+    olm.verify_device(unlisted)
 
     async def answer(event: RoomKeyRequest) -> str | None:
         before = len(outbox.sent)
@@ -271,6 +277,10 @@ async def test_key_requests_are_answered_only_where_nio_does_not(offline: Offlin
         "m.unauthorised"
     )
     assert await answer(_request(BOT, "GHOST", held, sender_key=own_curve)) == "m.unauthorised"
+    # Our own verified device that the operator did not name: m.unauthorised.
+    assert await answer(
+        _request(BOT, "NOTLISTED", held, sender_key=own_curve, request_id="r6")
+    ) == ("m.unauthorised")
     # Our own verified device, a session we do not hold: m.unavailable.
     assert await answer(_request(BOT, "OTHERDEV", "unknown", sender_key=own_curve)) == (
         "m.unavailable"
@@ -288,7 +298,7 @@ async def test_key_requests_are_answered_only_where_nio_does_not(offline: Offlin
     assert await answer(_request("@eve:example.org", "EVE", held, sender_key=own_curve)) is None
     sent = offline.metrics.get("withheld_sent_total")
     assert sent is not None
-    assert (sent.get("m.unauthorised"), sent.get("m.unavailable")) == (4, 2)
+    assert (sent.get("m.unauthorised"), sent.get("m.unavailable")) == (5, 2)
     await sharing.close()
 
 
@@ -565,13 +575,17 @@ async def _shared_room(bot: BotProcess, peer: AsyncClient, *raws: RawDevice) -> 
     raise AssertionError("the room never settled")
 
 
+BACKUP = "BACKUPDEVICE"
+"""The one device of the bot's own account that the operator opted in (``own_devices``)."""
+
+
 @pytest.fixture
 async def verified_only_bot(synapse: LocalSynapse, tmp_path: Path) -> AsyncIterator[BotProcess]:
     process = BotProcess(
         synapse,
         synapse.register(),
         tmp_path / "bot",
-        policy=SharingPolicy(share_with="verified"),  # type: ignore[arg-type]
+        policy=SharingPolicy(share_with="verified", own_devices=frozenset({BACKUP})),  # type: ignore[arg-type]
     )
     await process.start()
     try:
@@ -654,7 +668,9 @@ async def test_real_key_requests_get_unauthorised_and_unavailable(
     bot = verified_only_bot
     outsider = NioPeer(await make_client(synapse, tmp_path))
     second = NioPeer(
-        await make_client(synapse, tmp_path, synapse.login(bot.user.user_id, bot.user.password))
+        await make_client(
+            synapse, tmp_path, synapse.login(bot.user.user_id, bot.user.password, BACKUP)
+        )
     )
     try:
         room_id = await _shared_room(bot, outsider.client)

@@ -326,7 +326,7 @@ def test_policy_rejects_bad_values() -> None:
 
 
 def test_policy_key_requests() -> None:
-    policy = SharingPolicy()
+    policy = SharingPolicy(own_devices=frozenset({"BACKUP"}))
     own = "@bot:example.org"
     ok = DeviceTrust(verified=True)
 
@@ -336,6 +336,7 @@ def test_policy_key_requests() -> None:
             "requester_user_id": own,
             "requester": ok,
             "have_session": True,
+            "requester_device_id": "BACKUP",
         }
         args.update(kw)
         try:
@@ -352,6 +353,25 @@ def test_policy_key_requests() -> None:
     assert code(requester=None) == WithheldCode.UNAUTHORISED
     assert code(requester=DeviceTrust(verified=False)) == WithheldCode.UNAUTHORISED
     assert code(requester=DeviceTrust(verified=True, blacklisted=True)) == "m.unauthorised"
+    # A verified device of our own user that the operator did not name: never a key.
+    assert code(requester_device_id="NEWDEVICE") == WithheldCode.UNAUTHORISED
+    assert code(requester_device_id="NEWDEVICE", have_session=False) == "m.unauthorised"
+    assert code(requester_device_id=None) == WithheldCode.UNAUTHORISED
+    assert code(requester=DeviceTrust(verified=True, unlisted_own=True)) == "m.unauthorised"
+    assert SharingPolicy().own_devices == frozenset()
+
+
+def test_policy_never_shares_with_unlisted_own_devices() -> None:
+    unlisted = DeviceTrust(verified=True, unlisted_own=True)
+    for share_with in ("all", "verified"):
+        policy = SharingPolicy(share_with=share_with)  # type: ignore[arg-type]
+        with pytest.raises(WithheldError) as refused:
+            policy.check_share(unlisted)
+        assert refused.value.code == WithheldCode.UNAUTHORISED
+        assert policy.withholds(unlisted)
+        assert SharingPolicy(share_with=share_with, send_withheld=False).withholds(unlisted)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="own_devices"):
+        SharingPolicy(own_devices="BACKUP")  # type: ignore[arg-type]
 
 
 def test_no_olm_content_has_no_room_or_session() -> None:

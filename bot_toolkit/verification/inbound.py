@@ -135,8 +135,8 @@ class Inbound:
         probe = Txn(txn, peer.user_id, peer.device_id, False)
         if peer == self._engine.us():
             return False
-        if not self.policy.allows(event.sender):
-            log.info("refusing verification %s from %s: not allowed", txn, event.sender)
+        if not self.policy.allows_device(self._engine.us().user_id, *peer):
+            log.info("refusing verification %s from %s %.64s: not allowed", txn, *peer)
             await self._engine.feed(probe, Input.LOCAL_CANCEL, ctx)
             return False
         cooling = self._cooldown.get(peer)

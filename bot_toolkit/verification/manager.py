@@ -275,6 +275,8 @@ class VerificationManager:
         us_user, us_device, _ = self.keys.own()
         if (user_id, device_id) == (us_user, us_device):
             raise ValueError("cannot verify our own device")
+        if user_id == us_user and device_id not in self.policy.own_devices:
+            raise ValueError(f"own device {device_id} is not in the policy's own_devices")
         ed = await self._peer_keys.ensure(user_id, device_id)
         if ed is None:
             raise LookupError(f"no device keys for {user_id} {device_id}")

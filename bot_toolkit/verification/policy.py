@@ -51,7 +51,9 @@ class VerificationPolicy:
     (``m.mismatched_sas``). ``None`` is operator mode: the SAS waits for :meth:`confirm` /
     :meth:`cancel` (the admin API). ``auto_accept``: answer allowed requests with ready at once
     (else the operator's ``confirm(id)`` does it). ``start_as_requester``: after our own request
-    was answered, send the start ourselves.
+    was answered, send the start ourselves. ``own_devices``: device ids of the bot's own user
+    that may verify it (the operator's opt-in, by name); every other device of the bot's account
+    is refused, whatever ``allowed_users`` says.
     """
 
     allowed_users: Callable[[str], bool] | Sequence[str] = ()
@@ -67,10 +69,21 @@ class VerificationPolicy:
     timeout: float = 600.0
     """Seconds before an unfinished verification is cancelled with ``m.timeout``. The spec asks
     implementations to time out within 10 minutes, so more than 600 is refused."""
+    own_devices: Collection[str] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.timeout <= 600.0:
             raise ValueError(f"timeout must be in (0, 600] seconds, got {self.timeout}")
+        if isinstance(self.own_devices, str):
+            raise ValueError("own_devices: expected a collection of device ids, got a string")
+        object.__setattr__(self, "own_devices", frozenset(self.own_devices))
+
+    def allows_device(self, own_user_id: str, user_id: str, device_id: str) -> bool:
+        """Whether this device may verify the bot: an allowed user, and for the bot's own
+        account only the devices named in :attr:`own_devices`."""
+        if user_id == own_user_id:
+            return device_id in self.own_devices
+        return self.allows(user_id)
 
     def allows(self, user_id: str) -> bool:
         """Whether ``user_id`` may verify the bot."""
