@@ -362,6 +362,7 @@ class Bot:
             self.metrics,
             controller=self._controller,
             admin_token=cfg.admin_token,
+            allowed_hosts=cfg.answered_hosts(),
             sync_stale_after=cfg.sync_stale_after,
             outbox_stuck_after=self.config.outbox.stuck_after,
         )
@@ -613,9 +614,11 @@ class Bot:
             batch_size=cfg.outbox.batch_size,
             concurrency=cfg.outbox.concurrency,
             backoff_max=cfg.outbox.backoff_max,
+            max_pending=cfg.outbox.max_pending,
             dispatcher=dispatcher,
         )
         self.state.outbox_age = self.outbox.oldest_pending_age
+        self.state.outbox_is_full = self.outbox.is_full
         await dispatcher.start()
         recovered = await self.outbox.start()
         if recovered:

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "ENV_PREFIX",
+    "LOOPBACK_HOSTS",
     "SECRET_ENV",
     "BotConfig",
     "ConfigError",
@@ -157,6 +158,17 @@ def _host(key: str, value: str) -> str:
     except ValueError:
         if not _HOSTNAME.fullmatch(value):
             raise ConfigError(key, f"expected an IP address or host name, got {value!r}") from None
+    return value
+
+
+LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
+"""The ``Host`` names /readyz and /metrics always answer."""
+
+
+def _hosts(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    for i, host in enumerate(value):
+        if host != "*":
+            _host(f"{key}[{i}]", host)
     return value
 
 
@@ -323,6 +335,9 @@ class OutboxConfig:
     """Seconds to keep sending queued messages at shutdown; the rest stays stored for next start."""
     stuck_after: float = field(default=300.0, metadata=_check(_positive))
     """/readyz fails when the oldest unsent message has waited longer than this, in seconds."""
+    max_pending: int = field(default=100_000, metadata=_check(_at_least(1)))
+    """Most messages waiting to be sent; beyond, new ones are refused (counted, logged, /readyz
+    fails) rather than piling up while the homeserver keeps failing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +355,14 @@ class HttpConfig:
     Or ``BOT_TOOLKIT_ADMIN_TOKEN``."""
     sync_stale_after: float = field(default=120.0, metadata=_check(_positive))
     """/readyz fails when the last successful sync is older than this, in seconds."""
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata=_check(_hosts))
+    """``Host`` names /readyz and /metrics answer (403 otherwise), besides ``localhost``,
+    ``127.0.0.1``, ``::1`` and :attr:`host` (unless a wildcard); ``"*"`` allows any."""
+
+    def answered_hosts(self) -> tuple[str, ...]:
+        """Every ``Host`` name /readyz and /metrics answer (see :attr:`allowed_hosts`)."""
+        own = () if self.host in ("0.0.0.0", "::") else (self.host,)
+        return (*LOOPBACK_HOSTS, *own, *self.allowed_hosts)
 
 
 @dataclass(frozen=True, slots=True)

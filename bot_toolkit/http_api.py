@@ -1,11 +1,18 @@
 """HTTP endpoints of the standalone bot (aiohttp): health, readiness, metrics, and an admin API.
 
 - ``GET /healthz``: 200 ``{"status": "ok"}`` while the process serves requests.
-- ``GET /readyz``: 200 when logged in, syncing recently and the outbox is not stuck; otherwise 503.
-  Both carry ``{"status", "checks": {name: {"ok", "detail"}}, "failing": [...]}``.
+- ``GET /readyz``: 200 when logged in, syncing recently and the outbox is neither stuck nor full;
+  otherwise 503. The body is ``{"status", "checks": {name: {"ok"}}, "failing": [...]}``; each
+  check also carries a ``"detail"`` text (which may hold internal error text) only for a caller
+  that sends the admin bearer token.
 - ``GET /metrics``: the :class:`~bot_toolkit.metrics.Metrics` registry in Prometheus text format.
-- ``/admin/...``: needs ``Authorization: Bearer <admin token>``. A missing or wrong token gets 401
-  before any handler runs. With no admin token configured the admin API is disabled: 403.
+- ``/readyz`` and ``/metrics`` answer only requests whose ``Host`` header names an allowed host
+  (``allowed_hosts``; loopback names by default), 403 otherwise: a web page cannot read them
+  through DNS rebinding.
+- ``/admin/...``: needs ``Authorization: Bearer <admin token>``. A missing, wrong or malformed
+  (not ASCII, not a bearer token, any bytes at all) header gets 401 before any handler runs, and is
+  counted in ``admin_auth_failures_total``. With no admin token configured the admin API is
+  disabled: 403.
 
   - ``GET /admin/verifications``: verifications in progress, with emoji and decimals once known;
   - ``GET /admin/verifications/{id}``: one of them;
@@ -27,11 +34,13 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from bot_toolkit.config import Secret
+from bot_toolkit.config import LOOPBACK_HOSTS, Secret
 from bot_toolkit.metrics import Metrics
 
 __all__ = [
+    "LOOPBACK_HOSTS",
     "METRICS_CONTENT_TYPE",
     "BotState",
     "HttpServer",
@@ -42,6 +51,26 @@ __all__ = [
 ]
 
 log = logging.getLogger("bot_toolkit.http_api")
+_server_log = logging.getLogger("bot_toolkit.http_api.server")
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs each request its parser rejects (a NUL in a header, a bad request line) with
+    a traceback at ERROR: anyone who can connect could flood the log. One line at INFO instead,
+    naming only the error class (the raw bytes stay out of the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "HTTP: refused a malformed request (%s %d)"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_server_log.addFilter(_MalformedRequestFilter())
 
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -109,6 +138,10 @@ class Readiness(Protocol):
         """Seconds the oldest unsent outbound message has waited; None when nothing waits."""
         ...
 
+    def outbox_full(self) -> bool:
+        """Whether the outbox is at its bound and refuses new messages."""
+        ...
+
 
 @dataclass(slots=True)
 class BotState:
@@ -119,10 +152,15 @@ class BotState:
     last_error: str | None = None
     outbox_age: Callable[[], float | None] = field(default=lambda: None)
     """Reads the outbox backlog age (see :meth:`Readiness.outbox_oldest_pending_age`)."""
+    outbox_is_full: Callable[[], bool] = field(default=lambda: False)
+    """Reads whether the outbox is at its bound (see :meth:`Readiness.outbox_full`)."""
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def outbox_oldest_pending_age(self) -> float | None:
         return self.outbox_age()
+
+    def outbox_full(self) -> bool:
+        return self.outbox_is_full()
 
     def synced(self) -> None:
         """Record a successful sync (clears :attr:`last_error`)."""
@@ -131,6 +169,32 @@ class BotState:
 
 
 _DONE: Final = {"confirm": "confirmed", "cancel": "cancelled"}
+
+_HOST_CHECKED: Final = frozenset({"/readyz", "/metrics"})
+
+
+def host_of(header: str) -> str:
+    """The host name of a ``Host`` header value: lower case, no port, no IPv6 brackets."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else ""
+    host, _, _ = value.partition(":")
+    return host
+
+
+def bearer_matches(header: str | None, token: bytes | None) -> bool:
+    """Whether an ``Authorization`` header value carries ``token`` as a bearer token.
+
+    Total: any value (missing, not a bearer, non-ASCII, surrogate-escaped bytes) is just False.
+    The comparison takes constant time in the token.
+    """
+    if header is None or token is None:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # aiohttp hands undecodable header bytes over as surrogates: encode them back, never raise.
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
 
 
 def _iso(ts: float) -> str:
@@ -145,6 +209,7 @@ class _Api:
         metrics: Metrics,
         controller: VerificationController | None,
         admin_token: str | None,
+        allowed_hosts: Sequence[str],
         sync_stale_after: float,
         outbox_stuck_after: float,
         clock: Callable[[], float],
@@ -154,6 +219,8 @@ class _Api:
         self.metrics = metrics
         self.controller = controller
         self.token = admin_token.encode() if admin_token else None
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = frozenset(h.lower().strip("[]") for h in allowed_hosts if h != "*")
         self.sync_stale_after = sync_stale_after
         self.outbox_stuck_after = outbox_stuck_after
         self.clock = clock
@@ -166,6 +233,9 @@ class _Api:
         )
         self.auth_failures = metrics.counter(
             "admin_auth_failures_total", "Admin API requests refused for a missing or bad token"
+        )
+        self.host_refusals = metrics.counter(
+            "http_host_refused_total", "Requests refused for a Host header not allowed"
         )
 
     # ---- middleware
@@ -191,13 +261,12 @@ class _Api:
                 {"error": "admin API disabled: set http.admin_token or BOT_TOOLKIT_ADMIN_TOKEN"},
                 status=403,
             )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.token
-        ):
+        if not self.authorized(request):
             self.auth_failures.inc()
             log.warning(
-                "admin API: refused %s %s (missing or bad token)", request.method, request.path
+                "admin API: refused %.16s %.128s (missing or bad token)",
+                request.method,
+                request.path,
             )
             return web.json_response(
                 {"error": "missing or invalid bearer token"},
@@ -205,6 +274,21 @@ class _Api:
                 headers={"WWW-Authenticate": 'Bearer realm="bot_toolkit admin"'},
             )
         return await handler(request)
+
+    @web.middleware
+    async def host_check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in _HOST_CHECKED or self.any_host:
+            return await handler(request)
+        header = request.headers.get("Host")
+        if header is not None and host_of(header) in self.allowed_hosts:
+            return await handler(request)
+        self.host_refusals.inc()
+        log.warning("HTTP: refused %.16s for a Host header not allowed", request.path)
+        return web.json_response({"error": "host not allowed"}, status=403)
+
+    def authorized(self, request: web.Request) -> bool:
+        """Whether the request carries the admin bearer token."""
+        return bearer_matches(request.headers.get("Authorization"), self.token)
 
     # ---- public endpoints
 
@@ -230,7 +314,9 @@ class _Api:
                 detail += f": {error}"
             checks["sync"] = {"ok": ok, "detail": detail}
         pending = r.outbox_oldest_pending_age()
-        if pending is None:
+        if r.outbox_full():
+            checks["outbox"] = {"ok": False, "detail": "the outbox is full: new messages refused"}
+        elif pending is None:
             checks["outbox"] = {"ok": True, "detail": "nothing waiting"}
         else:
             checks["outbox"] = {
@@ -238,6 +324,9 @@ class _Api:
                 "detail": f"oldest unsent message waited {pending:.0f}s",
             }
         failing = [name for name, check in checks.items() if not check["ok"]]
+        if not self.authorized(request):
+            # Details may hold internal error text: only for the operator.
+            checks = {name: {"ok": check["ok"]} for name, check in checks.items()}
         body = {"status": "not ready" if failing else "ready", "checks": checks, "failing": failing}
         return web.json_response(body, status=503 if failing else 200)
 
@@ -314,6 +403,7 @@ def make_app(
     *,
     controller: VerificationController | None = None,
     admin_token: str | Secret | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
     sync_stale_after: float = 120.0,
     outbox_stuck_after: float = 300.0,
     clock: Callable[[], float] = time.monotonic,
@@ -322,7 +412,8 @@ def make_app(
     """The aiohttp application.
 
     ``admin_token`` (a string or the config's :class:`~bot_toolkit.config.Secret`) None or empty
-    disables the admin API (403). ``controller`` None: no
+    disables the admin API (403). ``allowed_hosts``: the ``Host`` names ``/readyz`` and
+    ``/metrics`` answer (``"*"``: any). ``controller`` None: no
     verification runs, so the list is empty and every id is unknown. ``clock`` must be the clock
     of :attr:`Readiness.last_sync_at`; ``wall_clock`` turns deadlines into ``expires_in``.
     """
@@ -331,12 +422,13 @@ def make_app(
         metrics=metrics,
         controller=controller,
         admin_token=admin_token.reveal() if isinstance(admin_token, Secret) else admin_token,
+        allowed_hosts=allowed_hosts,
         sync_stale_after=sync_stale_after,
         outbox_stuck_after=outbox_stuck_after,
         clock=clock,
         wall_clock=wall_clock,
     )
-    app = web.Application(middlewares=[api.count, api.admin_auth])
+    app = web.Application(middlewares=[api.count, api.host_check, api.admin_auth])
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics_text)
@@ -358,7 +450,7 @@ class HttpServer:
 
     async def start(self) -> None:
         """Bind and serve; raises :class:`OSError` when the address cannot be bound."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, logger=_server_log)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
         try:

@@ -29,6 +29,12 @@ Delivery guarantees:
   even when the server asks for longer than ``backoff_max``. A 429 also holds back every worker's
   next attempt until ``retry_after`` has passed. There is no attempt limit: an undelivered
   request stays queued (and persisted) until it is accepted, refused or the outbox closes.
+* **Bounded.** At most ``max_pending`` messages wait (queued or being sent). A ``send()`` that
+  would go beyond raises :class:`OutboxFull` (nothing of it is queued; nothing queued is dropped):
+  the caller learns it at once, and it is logged. The refused messages are counted in
+  ``outbox_refused_messages_total{event_type}``; once a refusal came with the queue at 90 % of the
+  bound or more, the gauge ``outbox_full`` is 1 and :meth:`Outbox.is_full` true (``/readyz``
+  fails) until the queue is back under 90 %.
 * **Permanent failures.** Any other answer (4xx but 429, and non-2xx below 400) is not retried: it
   is logged with the reason, counted, removed from the store, and an :class:`OutboxSendFailed`
   event is put on the dispatcher when one is attached.
@@ -69,6 +75,7 @@ __all__ = [
     "HttpTransport",
     "Outbox",
     "OutboxClosed",
+    "OutboxFull",
     "OutboxSendFailed",
     "PermanentSendError",
     "ToDeviceMessages",
@@ -125,6 +132,12 @@ class PermanentSendError(Exception):
 
 class OutboxClosed(RuntimeError):
     """``send()`` was called on an outbox that is not started, closing or closed."""
+
+
+class OutboxFull(RuntimeError):
+    """``send()`` was refused: the outbox holds ``max_pending`` messages already (the homeserver
+    keeps failing, or messages come faster than it accepts them). Nothing of the call was
+    queued; try again later."""
 
 
 class OutboxSendFailed(msgspec.Struct, frozen=True, kw_only=True):
@@ -327,6 +340,7 @@ class _Submission:
     messages: dict[str, dict[str, Any]]
     future: asyncio.Future[list[str]]
     txn_id: str | None = None  # the caller's own id: one request of its own, idempotent
+    count: int = 0  # messages
 
 
 def _new_txn_id() -> str:
@@ -347,6 +361,7 @@ class Outbox:
         concurrency: most requests in flight at once.
         backoff_initial, backoff_max: retry delay bounds in seconds (see the module docs).
         request_timeout: seconds one attempt may take before it is abandoned and retried.
+        max_pending: most messages waiting at once (see :class:`OutboxFull`).
         dispatcher: receives an :class:`OutboxSendFailed` for each permanently refused request.
         clock, sleep, rng: injectable for tests (``time.monotonic``, ``asyncio.sleep``, a
             ``random.Random``).
@@ -363,13 +378,14 @@ class Outbox:
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,
         request_timeout: float = 30.0,
+        max_pending: int = 100_000,
         dispatcher: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        if batch_size < 1 or concurrency < 1:
-            raise ValueError("batch_size and concurrency must be at least 1")
+        if batch_size < 1 or concurrency < 1 or max_pending < 1:
+            raise ValueError("batch_size, concurrency and max_pending must be at least 1")
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
         self._transport = transport
@@ -379,6 +395,7 @@ class Outbox:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.request_timeout = request_timeout
+        self.max_pending = max_pending
         self._dispatcher = dispatcher
         self._clock = clock
         self._sleep = sleep
@@ -402,6 +419,17 @@ class Outbox:
         self._m_messages = metrics.counter(
             "outbox_messages_total", "To-device messages accepted by the homeserver", ["event_type"]
         )
+        self._m_refused = metrics.counter(
+            "outbox_refused_messages_total",
+            "To-device messages refused by send() because the outbox was full",
+            ["event_type"],
+        )
+        self._m_full = metrics.gauge(
+            "outbox_full", "1 while the outbox is full and refuses new messages"
+        )
+        self._admitted_messages = 0  # in admitted requests (not yet accepted or refused)
+        self._writing_messages = 0  # in the submissions of the running store write
+        self._full = False
 
         self._state = "new"  # new -> running -> closing -> closed
         self._requests: dict[str, _Request] = {}
@@ -426,6 +454,15 @@ class Outbox:
     def queue_depth(self) -> int:
         """Requests not yet accepted or refused (persisted ones included)."""
         return len(self._requests)
+
+    def pending_messages(self) -> int:
+        """Messages waiting: queued, being stored, or being sent."""
+        queued = sum(s.count for s in self._submissions)
+        return self._admitted_messages + self._writing_messages + queued
+
+    def is_full(self) -> bool:
+        """Whether the outbox refused a ``send()`` and is not yet back under 90 % of its bound."""
+        return self._full
 
     def oldest_pending_age(self) -> float | None:
         """Seconds the oldest request not yet accepted has been queued (``None`` when empty).
@@ -574,8 +611,23 @@ class Outbox:
                 )
             if txn_id in self._requests:
                 return [txn_id]  # already queued: sending it again would add nothing
+        count = sum(len(devices) for devices in snapshot.values())
+        waiting = self.pending_messages()
+        if waiting + count > self.max_pending:
+            self._m_refused.inc(event_type[:64], amount=count)
+            log.error(
+                "outbox: full (%d messages waiting, bound %d): refused %d %.64s messages",
+                waiting,
+                self.max_pending,
+                count,
+                event_type,
+            )
+            if waiting >= 0.9 * self.max_pending:  # not for one oversized call alone
+                self._full = True
+                self._m_full.set(value=1)
+            raise OutboxFull(f"the outbox holds {waiting} messages (bound {self.max_pending})")
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._submissions.append(_Submission(event_type, snapshot, future, txn_id))
+        self._submissions.append(_Submission(event_type, snapshot, future, txn_id, count))
         self._idle.clear()
         self._wake_writer.set()
         return await future
@@ -592,6 +644,7 @@ class Outbox:
                 req.blocked += 1
         if req.blocked == 0:
             self._ready.put_nowait(req)
+        self._admitted_messages += req.count
         self._m_depth.set(value=len(self._requests))
         self._idle.clear()
 
@@ -610,7 +663,12 @@ class Outbox:
                     self._ready.put_nowait(nxt)
             else:
                 del self._lanes[key]
+        self._admitted_messages -= req.count
         self._m_depth.set(value=len(self._requests))
+        if self._full and self.pending_messages() < 0.9 * self.max_pending:
+            self._full = False
+            self._m_full.set(value=0)
+            log.info("outbox: no longer full (%d messages waiting)", self.pending_messages())
 
     def _check_idle(self) -> None:
         if not (self._requests or self._submissions or self._finished or self._writing):
@@ -637,6 +695,13 @@ class Outbox:
         subs = [s for s in self._submissions if not s.future.done()]  # drop cancelled callers
         self._submissions = []
         done, self._finished = self._finished, []
+        self._writing_messages = sum(s.count for s in subs)
+        try:
+            return await self._write_subs(subs, done)
+        finally:
+            self._writing_messages = 0
+
+    async def _write_subs(self, subs: list[_Submission], done: list[str]) -> bool:
         try:
             packed = [s for s in subs if s.txn_id is None]
             planned, used_by = _pack([(s.event_type, s.messages) for s in packed], self.batch_size)

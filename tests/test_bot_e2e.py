@@ -272,13 +272,14 @@ async def test_homeserver_down_at_start_and_mid_run(synapse: LocalSynapse, tmp_p
     bot_user: RegisteredUser = await asyncio.to_thread(synapse.register)
     hs_port = free_port()  # nothing listens here yet: the homeserver is "down"
     port = free_port()
+    admin = new_admin_token()
     config = write_config(
         tmp_path / "bot.toml",
         homeserver=f"http://127.0.0.1:{hs_port}",
         user_id=bot_user.user_id,
         data_dir=tmp_path / "data",
         port=port,
-        admin_token=new_admin_token(),
+        admin_token=admin,
         sync_timeout=1.0,
         retry_max_delay=1.0,
         sync_stale_after=4.0,
@@ -291,6 +292,9 @@ async def test_homeserver_down_at_start_and_mid_run(synapse: LocalSynapse, tmp_p
         body = await run.wait_status("/readyz", 503, within=T)
         await run.wait_log("login failed", count=2, within=T)  # a few failed attempts
         code, body = await run.get("/readyz")
+        assert code == 503
+        assert "detail" not in body["checks"]["logged_in"], body  # not for anyone
+        code, body = await run.get("/readyz", token=admin)
         assert code == 503
         assert "login" in body["checks"]["logged_in"]["detail"], body
         assert "retrying" in run.log()

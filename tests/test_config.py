@@ -134,6 +134,12 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
             "glob",
         ),
         (MINIMAL + '[keys]\nshare_with = "everyone"\n', "keys.share_with", "'all', 'verified'"),
+        (
+            MINIMAL + '[http]\nallowed_hosts = ["ok.example", "bad host"]\n',
+            "http.allowed_hosts[1]",
+            "IP address or host name",
+        ),
+        (MINIMAL + "[outbox]\nmax_pending = 0\n", "outbox.max_pending", "at least 1"),
         (MINIMAL + '[logging]\nlevel = "LOUD"\n', "logging.level", "expected one of"),
         (MINIMAL + '[logging]\nformat = "xml"\n', "logging.format", "'text', 'json'"),
         ("storage = 3\n" + MINIMAL, "storage", "expected a table"),
@@ -336,6 +342,16 @@ def test_allowed_users_globs(tmp_path: Path) -> None:
     assert not v.allows("@alice:evil.org")
     assert not v.allows("@alice:example.org.evil")
     assert not v.allows("@OP:x")
+
+
+def test_answered_hosts(tmp_path: Path) -> None:
+    """/readyz and /metrics answer loopback names, the listen host unless a wildcard, and the
+    configured extra names."""
+    base = load_config(write(tmp_path, MINIMAL), ENV).http
+    assert base.answered_hosts() == ("localhost", "127.0.0.1", "::1", "127.0.0.1")
+    text = MINIMAL + '[http]\nhost = "0.0.0.0"\nallowed_hosts = ["bot.svc", "*"]\n'
+    wide = load_config(write(tmp_path, text), ENV).http
+    assert wide.answered_hosts() == ("localhost", "127.0.0.1", "::1", "bot.svc", "*")
 
 
 def test_relative_data_dir_is_relative_to_the_file(tmp_path: Path) -> None:

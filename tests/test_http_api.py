@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot_toolkit.config import Secret
 from bot_toolkit.http_api import (
@@ -131,7 +135,7 @@ async def test_readyz_ready_then_stale_then_stuck(env: Env) -> None:
 
     env.clock.now += 61  # no sync for longer than sync_stale_after
     env.state.last_error = "homeserver unreachable: connection refused"
-    resp = await env.client.get("/readyz")
+    resp = await env.client.get("/readyz", headers=AUTH)
     assert resp.status == 503
     body = await resp.json()
     assert body["failing"] == ["sync"]
@@ -149,8 +153,91 @@ async def test_readyz_ready_then_stale_then_stuck(env: Env) -> None:
 
 async def test_readyz_reports_homeserver_down_at_start(env: Env) -> None:
     env.state.last_error = "cannot reach https://hs: connection refused"
-    body = await (await env.client.get("/readyz")).json()
+    body = await (await env.client.get("/readyz", headers=AUTH)).json()
     assert "connection refused" in body["checks"]["logged_in"]["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN}]
+)
+async def test_readyz_details_only_for_the_operator(env: Env, headers: dict[str, str]) -> None:
+    """Internal error text is for the admin token holder; others see only which checks fail."""
+    env.state.last_error = "cannot reach https://internal-hs.lan:8448: connection refused"
+    resp = await env.client.get("/readyz", headers=headers)
+    assert resp.status == 503
+    body = await resp.json()
+    assert body == {
+        "status": "not ready",
+        "checks": {"logged_in": {"ok": False}, "sync": {"ok": False}, "outbox": {"ok": True}},
+        "failing": ["logged_in", "sync"],
+    }
+    assert "internal-hs" not in await resp.text()
+    detailed = await (await env.client.get("/readyz", headers=AUTH)).json()
+    assert "internal-hs" in detailed["checks"]["logged_in"]["detail"]
+    assert detailed["failing"] == body["failing"]
+
+
+async def test_readyz_fails_while_the_outbox_is_full(env: Env) -> None:
+    env.state.logged_in = True
+    env.state.synced()
+    full = [True]
+    env.state.outbox_is_full = lambda: full[0]
+    resp = await env.client.get("/readyz", headers=AUTH)
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["failing"] == ["outbox"]
+    assert "full" in body["checks"]["outbox"]["detail"]
+    full[0] = False
+    assert (await env.client.get("/readyz")).status == 200
+
+
+# ---- Host allow-list
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/metrics"])
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8080", True),
+        ("localhost", True),
+        ("LOCALHOST:1", True),
+        ("[::1]:8080", True),
+        ("bot.internal:9000", True),
+        ("evil.example", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example:8080", False),
+        ("[::2]", False),
+        ("", False),
+    ],
+)
+async def test_host_header_allow_list(path: str, host: str, allowed: bool) -> None:
+    """A page served from another origin reaches the bot only through DNS rebinding, which
+    shows up as a foreign Host header: /readyz and /metrics refuse those (403)."""
+    metrics = Metrics()
+    app = make_app(
+        BotState(),
+        metrics,
+        admin_token=TOKEN,
+        allowed_hosts=("localhost", "127.0.0.1", "::1", "bot.internal"),
+    )
+    client = await _client(app)
+    try:
+        resp = await client.get(path, headers={"Host": host})
+        assert (resp.status != 403) is allowed, (resp.status, await resp.text())
+        refused = metrics.get("http_host_refused_total")
+        assert refused is not None and refused.total() == (0 if allowed else 1)
+        assert (await client.get("/healthz", headers={"Host": host})).status == 200
+    finally:
+        await client.close()
+
+
+async def test_host_allow_list_wildcard() -> None:
+    client = await _client(make_app(BotState(), Metrics(), allowed_hosts=("*",)))
+    try:
+        resp = await client.get("/metrics", headers={"Host": "prometheus-target.svc:8080"})
+        assert resp.status == 200
+    finally:
+        await client.close()
 
 
 # ---- metrics
@@ -219,6 +306,76 @@ async def test_admin_disabled_without_configured_token() -> None:
         finally:
             await client.close()
     assert controller.calls == []
+
+
+async def _raw_request(port: int, head: bytes) -> bytes:
+    """Send ``head`` as the request head and return the status line (bounded)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+_HEADER_BYTES = st.binary(max_size=96).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"").lstrip(b" \t")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(_HEADER_BYTES, _HEADER_BYTES.map(lambda b: b"Bearer " + b)))
+def test_authorization_header_fuzz(value: bytes) -> None:
+    """Any bytes in ``Authorization`` (non-UTF-8, controls, long): 401 and counted, or, for bytes
+    HTTP forbids in a header (NUL, DEL, C0 controls), 400 from the HTTP parser before any
+    handler. Never a 500 (the log side: test_malformed_request_logs_one_line)."""
+
+    async def run() -> None:
+        metrics = Metrics()
+        server = HttpServer(make_app(BotState(), metrics, admin_token=TOKEN), "127.0.0.1", 0)
+        await server.start()
+        try:
+            status = await _raw_request(
+                server.port,
+                b"GET /admin/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: " + value + b"\r\nConnection: close\r\n\r\n",
+            )
+        finally:
+            await server.stop()
+        code = int(status.split(b" ")[1])
+        failures = metrics.get("admin_auth_failures_total")
+        assert failures is not None
+        forbidden = any((b < 0x20 and b != 0x09) or b == 0x7F for b in value)
+        if forbidden:
+            assert code in (400, 401), status
+        else:
+            assert code == 401, status
+        assert failures.total() == (1 if code == 401 else 0)
+
+    asyncio.run(run())
+
+
+async def test_malformed_request_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    server = HttpServer(make_app(BotState(), Metrics(), admin_token=TOKEN), "127.0.0.1", 0)
+    await server.start()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            status = await _raw_request(
+                server.port,
+                b"GET /admin/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: Bearer \x00\x01\r\nConnection: close\r\n\r\n",
+            )
+    finally:
+        await server.stop()
+    assert status.startswith(b"HTTP/1.0 400") or status.startswith(b"HTTP/1.1 400")
+    records = [r for r in caplog.records if r.name.startswith("bot_toolkit.http_api")]
+    assert [(r.levelno, r.getMessage()) for r in records if "malformed" in r.getMessage()] == [
+        (logging.INFO, "HTTP: refused a malformed request (BadHttpMessage 400)")
+    ]
+    assert not any(r.exc_info for r in caplog.records)
 
 
 async def test_bearer_scheme_is_case_insensitive(env: Env) -> None:

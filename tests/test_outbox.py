@@ -31,6 +31,7 @@ from bot_toolkit.outbox import (
     HttpTransport,
     Outbox,
     OutboxClosed,
+    OutboxFull,
     OutboxSendFailed,
     PermanentSendError,
     ToDeviceMessages,
@@ -1098,3 +1099,56 @@ async def test_metric_names_and_labels(make_outbox: Any) -> None:
         'bot_toolkit_outbox_messages_total{event_type="m.good"} 2',
     ]:
         assert line in text.splitlines(), (line, text)
+
+
+# ------------------------------------------------------------------------------ the bound
+
+
+async def test_full_outbox_refuses_loudly_and_drops_nothing(
+    make_outbox: Any, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The homeserver keeps failing: the outbox fills to its bound, then ``send()`` raises
+    ``OutboxFull`` (counted, logged, ``is_full``/gauge set) while everything queued stays; once
+    the homeserver is back, every queued message goes out and the outbox is no longer full."""
+    healthy = asyncio.Event()
+
+    async def failing(*_: Any) -> Outcome:
+        if healthy.is_set():
+            return None
+        return TransientSendError("5xx", detail="502")
+
+    metrics = Metrics()
+    ob = await make_outbox(FakeTransport(failing), max_pending=10, batch_size=3, metrics=metrics)
+    for i in range(9):
+        await ob.send("m.dummy", {"@u:x": {f"D{i}": {"n": i}}})
+    assert ob.pending_messages() == 9 and not ob.is_full()
+    with caplog.at_level(logging.ERROR, logger="bot_toolkit.outbox"), pytest.raises(OutboxFull):
+        await ob.send("m.dummy", {"@u:x": {"A": {}, "B": {}}})
+    assert "refused 2 m.dummy messages" in caplog.text
+    assert ob.is_full()
+    assert ob.pending_messages() == 9  # nothing of the refused call was queued, nothing dropped
+    refused = metrics.get("outbox_refused_messages_total")
+    assert refused is not None and refused.total() == 2
+    assert "bot_toolkit_outbox_full 1" in metrics.render()
+    await ob.send("m.dummy", {"@u:x": {"LAST": {}}})  # one more still fits the bound
+    with pytest.raises(OutboxFull):
+        await ob.send("m.dummy", {"@u:x": {"X": {}}})
+    assert refused.total() == 3
+
+    healthy.set()
+    assert await ob.flush(10)
+    assert not ob.is_full() and ob.pending_messages() == 0
+    assert "bot_toolkit_outbox_full 0" in metrics.render()
+    sent = metrics.get("outbox_messages_total")
+    assert sent is not None and sent.total() == 10
+    assert await rows(store) == []
+
+
+async def test_one_oversized_call_is_refused_without_marking_the_outbox_full(
+    make_outbox: Any,
+) -> None:
+    ob = await make_outbox(FakeTransport(), max_pending=5)
+    with pytest.raises(OutboxFull):
+        await ob.send("m.dummy", devices(1, 6))
+    assert not ob.is_full()
+    assert await ob.send("m.dummy", devices(1, 5))
