@@ -1,6 +1,16 @@
-"""bot_toolkit: typed to-device dispatch, verification and withheld notices for matrix-nio bots."""
+"""bot_toolkit: typed to-device dispatch, verification and withheld notices for matrix-nio bots.
+
+The front door: everything a bot needs is importable from here (``from bot_toolkit import
+BotToolkit, VerificationPolicy, VerificationDone``). The event types load at once (they are
+plain msgspec structs); the facade, the dispatcher, the policies and the lifecycle events load on
+first use, so ``import bot_toolkit.verification.table`` (or ``bot_toolkit.events``) does not pull
+in nio or aiohttp.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from bot_toolkit.events import (
     CancelCode,
@@ -39,11 +49,80 @@ from bot_toolkit.events import (
 
 __version__ = "0.1.0"
 
+_LAZY: dict[str, str] = {
+    # the facade
+    "BotToolkit": "bot_toolkit.toolkit",
+    "Settings": "bot_toolkit.toolkit",
+    "ToolkitError": "bot_toolkit.toolkit",
+    # dispatching
+    "Dispatcher": "bot_toolkit.dispatcher",
+    "DispatcherClosed": "bot_toolkit.dispatcher",
+    "HandlerCancelled": "bot_toolkit.dispatcher",
+    "HandlerTimeout": "bot_toolkit.dispatcher",
+    "UndecodableEvent": "bot_toolkit.undecodable",
+    "Metrics": "bot_toolkit.metrics",
+    # policies
+    "VerificationPolicy": "bot_toolkit.verification.policy",
+    "SharingPolicy": "bot_toolkit.withheld",
+    "ShareWith": "bot_toolkit.withheld",
+    # lifecycle events (put into the dispatcher by the parts)
+    "SasPrompt": "bot_toolkit.verification.lifecycle",
+    "SasReady": "bot_toolkit.verification.lifecycle",
+    "VerificationCancelled": "bot_toolkit.verification.lifecycle",
+    "VerificationDone": "bot_toolkit.verification.lifecycle",
+    "VerificationRequested": "bot_toolkit.verification.lifecycle",
+    "OutboxSendFailed": "bot_toolkit.outbox",
+    # errors
+    "OutboxClosed": "bot_toolkit.outbox",
+    "StoreError": "bot_toolkit.store",
+}
+
+if TYPE_CHECKING:
+    from bot_toolkit.dispatcher import (
+        Dispatcher,
+        DispatcherClosed,
+        HandlerCancelled,
+        HandlerTimeout,
+    )
+    from bot_toolkit.metrics import Metrics
+    from bot_toolkit.outbox import OutboxClosed, OutboxSendFailed
+    from bot_toolkit.store import StoreError
+    from bot_toolkit.toolkit import BotToolkit, Settings, ToolkitError
+    from bot_toolkit.undecodable import UndecodableEvent
+    from bot_toolkit.verification.lifecycle import (
+        SasPrompt,
+        SasReady,
+        VerificationCancelled,
+        VerificationDone,
+        VerificationRequested,
+    )
+    from bot_toolkit.verification.policy import VerificationPolicy
+    from bot_toolkit.withheld import ShareWith, SharingPolicy
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bot_toolkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
+    "BotToolkit",
     "CancelCode",
     "DecodeError",
+    "Dispatcher",
+    "DispatcherClosed",
     "Dummy",
     "ForwardedRoomKey",
+    "HandlerCancelled",
+    "HandlerTimeout",
     "KeyVerificationAccept",
     "KeyVerificationCancel",
     "KeyVerificationDone",
@@ -55,20 +134,35 @@ __all__ = [
     "KeyVerificationStartReciprocate",
     "KeyVerificationStartSas",
     "MegolmEncrypted",
+    "Metrics",
     "OlmCiphertext",
     "OlmEncrypted",
+    "OutboxClosed",
+    "OutboxSendFailed",
     "RequestedKeyInfo",
     "RoomEncrypted",
     "RoomKey",
     "RoomKeyRequest",
     "RoomKeyRequestCancellation",
     "RoomKeyWithheld",
+    "SasPrompt",
+    "SasReady",
     "SecretRequest",
     "SecretSend",
+    "Settings",
+    "ShareWith",
+    "SharingPolicy",
+    "StoreError",
     "ToDeviceEvent",
+    "ToolkitError",
+    "UndecodableEvent",
     "UnknownToDeviceEvent",
+    "VerificationCancelled",
+    "VerificationDone",
     "VerificationEvent",
+    "VerificationPolicy",
     "VerificationRelatesTo",
+    "VerificationRequested",
     "WithheldCode",
     "__version__",
     "decode",

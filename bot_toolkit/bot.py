@@ -13,10 +13,9 @@ until SIGTERM or SIGINT. The bot:
   ``/account/whoami``; when the homeserver refuses it the bot logs in again with the password,
   asking for the same device id);
 * logs in with ``matrix.access_token`` (device id from ``/whoami``) or ``matrix.password``;
-* wires the pieces together: :class:`~bot_toolkit.dispatcher.Dispatcher`, the nio plugin
-  (``intercept_verification=True``), :class:`~bot_toolkit.outbox.Outbox` over
-  :class:`~bot_toolkit.outbox.HttpTransport`, key sharing with the ``[keys]`` policy and the
-  :class:`~bot_toolkit.verification.VerificationManager` with the ``[verification]`` policy;
+* builds its stack with :class:`~bot_toolkit.toolkit.BotToolkit` (dispatcher, nio plugin, store,
+  outbox over the bot's HTTP session, key sharing with the ``[keys]`` policy, the
+  :class:`~bot_toolkit.verification.VerificationManager` with the ``[verification]`` policy);
 * serves ``/healthz``, ``/readyz``, ``/metrics`` and the admin API from the first second (before
   login), so ``/readyz`` can say why the bot is not ready;
 * syncs in its own loop: an unreachable homeserver (at start or later) is retried with
@@ -44,6 +43,7 @@ import os
 import random
 import secrets
 import signal
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -62,14 +62,12 @@ from nio import (
     SyncResponse,
 )
 
-from bot_toolkit import key_sharing, nio_plugin
 from bot_toolkit.config import BotConfig
-from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
 from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
-from bot_toolkit.outbox import HttpTransport, Outbox
-from bot_toolkit.store import Store
+from bot_toolkit.store import StoreError
+from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
     SasPrompt,
     SasReady,
@@ -263,13 +261,7 @@ class Bot:
         self._stopping = asyncio.Event()
         self._controller = _ControllerProxy()
         self.client: AsyncClient | None = None
-        self.dispatcher: Dispatcher | None = None
-        self.plugin: nio_plugin.NioPlugin | None = None
-        self.store: Store | None = None
-        self.transport: HttpTransport | None = None
-        self.outbox: Outbox | None = None
-        self.sharing: key_sharing.KeySharing | None = None
-        self.manager: VerificationManager | None = None
+        self.toolkit: BotToolkit | None = None
         self.http: HttpServer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -592,68 +584,39 @@ class Bot:
         client = self.client
         assert client is not None and self._session is not None
         cfg = self.config
-        dispatcher = Dispatcher(self.metrics)
-        self.dispatcher = dispatcher
-        own_devices = cfg.verification.own_devices
-        self.plugin = nio_plugin.attach(
+        toolkit = BotToolkit(
             client,
-            dispatcher,
-            intercept_verification=True,
-            metrics=self.metrics,
-            trusted_own_devices=own_devices,
-        )
-        try:
-            self.store = await Store.open(self.data_dir / STORE_FILE)
-        except Exception as e:
-            raise BotError(f"storage.data_dir: cannot open the store: {_describe(e)}") from None
-        self.transport = HttpTransport(cfg.matrix.homeserver, client.access_token, self._session)
-        self.outbox = Outbox(
-            self.transport,
-            self.store,
-            self.metrics,
-            batch_size=cfg.outbox.batch_size,
-            concurrency=cfg.outbox.concurrency,
-            backoff_max=cfg.outbox.backoff_max,
-            max_pending=cfg.outbox.max_pending,
-            dispatcher=dispatcher,
-        )
-        self.state.outbox_age = self.outbox.oldest_pending_age
-        self.state.outbox_is_full = self.outbox.is_full
-        await dispatcher.start()
-        recovered = await self.outbox.start()
-        if recovered:
-            log.info("outbox: %d requests left by the last run will be sent", recovered)
-        self.sharing = await key_sharing.attach(
-            client,
-            store=self.store,
-            outbox=self.outbox,
-            dispatcher=dispatcher,
-            policy=SharingPolicy(
+            self.data_dir,
+            verification=self._verification_policy() if cfg.verification.enabled else None,
+            key_sharing=SharingPolicy(
                 share_with=ShareWith(cfg.keys.share_with),
                 send_withheld=cfg.keys.send_withheld,
                 no_olm_notices=cfg.keys.no_olm_notices,
                 notify_blacklisted=cfg.keys.notify_blacklisted,
-                own_devices=frozenset(own_devices),
+                own_devices=frozenset(cfg.verification.own_devices),
             ),
             metrics=self.metrics,
+            settings=Settings(
+                drain_timeout=_DRAIN_TIMEOUT,
+                outbox_batch_size=cfg.outbox.batch_size,
+                outbox_concurrency=cfg.outbox.concurrency,
+                outbox_backoff_max=cfg.outbox.backoff_max,
+                outbox_max_pending=cfg.outbox.max_pending,
+                flush_deadline=cfg.outbox.flush_deadline,
+            ),
+            http_session=self._session,
         )
+        self.toolkit = toolkit
+        if cfg.verification.enabled and cfg.verification.post_sas_in_dm:
+            toolkit.on(SasReady)(self._post_sas)
+        try:
+            await toolkit.start()
+        except (StoreError, sqlite3.Error) as e:
+            raise BotError(f"storage.data_dir: cannot use the store: {_describe(e)}") from None
+        self.state.outbox_age = toolkit.outbox.oldest_pending_age
+        self.state.outbox_is_full = toolkit.outbox.is_full
         if cfg.verification.enabled:
-            manager = VerificationManager(
-                client,
-                dispatcher,
-                self.outbox,
-                self._verification_policy(),
-                self.metrics,
-                store=self.store,
-            )
-            # Malformed verification events (m.invalid_message) and raw start contents (the SAS
-            # commitment covers every field the peer sent) reach the manager through the plugin.
-            manager.watch(self.plugin)
-            self.manager = manager
-            if cfg.verification.post_sas_in_dm:
-                dispatcher.register(SasReady, self._post_sas)
-            await manager.start()
-            self._controller.manager = manager
+            self._controller.manager = toolkit.verification
 
     # ------------------------------------------------------------------ syncing
 
@@ -782,37 +745,15 @@ class Bot:
 
     async def _shutdown(self) -> None:
         """Drain, flush, close; each step bounded and independent of the others."""
-        deadline = self.config.outbox.flush_deadline
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if self.dispatcher is not None:
-            with _logged("dispatcher close"):
-                summary = await self.dispatcher.close(_DRAIN_TIMEOUT)
-                log.info("dispatcher drained: %s", summary)
-        if self.manager is not None:
-            with _logged("verification close"):
-                await self.manager.close()
-        if self.sharing is not None:
-            with _logged("key sharing close"):
-                await self.sharing.close()
-        if self.outbox is not None:
-            with _logged("outbox close"):
-                left = await self.outbox.close(deadline)
-                if left:
-                    log.warning("shutdown: %d outbox requests stay stored for the next run", left)
-                else:
-                    log.info("shutdown: outbox flushed (queue depth 0)")
-        if self.plugin is not None:
-            with _logged("plugin detach"):
-                self.plugin.detach()
-        if self.store is not None:
-            with _logged("store close"):
-                await self.store.close()
-        if self.client is not None:
+        if self.toolkit is not None:
+            await self.toolkit.close()  # every part in order, then the nio client
+        elif self.client is not None:
             with _logged("nio close"):
                 await self.client.close()
         if self._session is not None:

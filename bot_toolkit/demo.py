@@ -51,12 +51,8 @@ from bot_toolkit.config import (
     StorageConfig,
     VerificationConfig,
 )
-from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.logging_setup import active_redactor
-from bot_toolkit.metrics import Metrics
-from bot_toolkit.nio_plugin import attach
-from bot_toolkit.outbox import HttpTransport, Outbox
-from bot_toolkit.store import Store
+from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
     SasPrompt,
     VerificationDone,
@@ -134,30 +130,21 @@ class ScriptedPeer:
             store_path=str(store_dir),
             config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
         )
-        self._stack.push_async_callback(client.close)
         client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
         active_redactor().add(self.user.access_token)
-        if client.should_upload_keys:
-            await client.keys_upload()
+        policy = VerificationPolicy(allowed_users=[bot_user], confirm=self._confirm)
+        toolkit = BotToolkit(
+            client,
+            self.workdir / "alice",
+            verification=policy,
+            key_sharing=None,
+            settings=Settings(drain_timeout=5.0, flush_deadline=5.0),
+        )
+        self._stack.push_async_callback(toolkit.close)  # closes the client too
+        await toolkit.start()  # uploads the device keys
         await client.sync(timeout=0)
         self.client = client
-        metrics = Metrics()
-        dispatcher = Dispatcher(metrics)
-        plugin = attach(client, dispatcher, intercept_verification=True)
-        self._stack.callback(plugin.detach)
-        store = await Store.open(self.workdir / "alice.sqlite3")
-        self._stack.push_async_callback(store.close)
-        session = aiohttp.ClientSession()
-        self._stack.push_async_callback(session.close)
-        outbox = Outbox(HttpTransport(self.homeserver, self.user.access_token, session), store)
-        policy = VerificationPolicy(allowed_users=[bot_user], confirm=self._confirm)
-        self.manager = VerificationManager(client, dispatcher, outbox, policy, metrics, store=store)
-        await dispatcher.start()
-        self._stack.push_async_callback(dispatcher.close, 5.0)
-        await outbox.start()
-        self._stack.push_async_callback(outbox.close, 5.0)
-        await self.manager.start()
-        self._stack.push_async_callback(self.manager.close)
+        self.manager = toolkit.verification
         sync = asyncio.create_task(self._sync_loop(client), name="alice-sync")
         self._stack.push_async_callback(_cancel, sync)
 

@@ -5,24 +5,11 @@ ALLOWED_USERS, comma-separated user ids or globs), then run: python nio_bot.py
 """
 
 import asyncio
-import contextlib
 import os
-import signal
 
 from nio import AsyncClient, AsyncClientConfig
 
-from bot_toolkit import RoomKeyWithheld, key_sharing
-from bot_toolkit.dispatcher import Dispatcher
-from bot_toolkit.nio_plugin import attach
-from bot_toolkit.outbox import HttpTransport, Outbox
-from bot_toolkit.store import Store
-from bot_toolkit.verification import (
-    SasPrompt,
-    VerificationDone,
-    VerificationManager,
-    VerificationPolicy,
-)
-from bot_toolkit.withheld import ShareWith, SharingPolicy
+from bot_toolkit import BotToolkit, RoomKeyWithheld, SasPrompt, VerificationDone, VerificationPolicy
 
 HOMESERVER, USER_ID = os.environ["HOMESERVER"], os.environ["USER_ID"]
 DEVICE_ID, ACCESS_TOKEN = os.environ["DEVICE_ID"], os.environ["ACCESS_TOKEN"]
@@ -42,49 +29,20 @@ async def main() -> None:
     config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
     client = AsyncClient(HOMESERVER, USER_ID, DEVICE_ID, STORE_DIR, config=config)
     client.restore_login(USER_ID, DEVICE_ID, ACCESS_TOKEN)  # loads nio's crypto store
-    dispatcher = Dispatcher()
+    policy = VerificationPolicy(allowed_users=ALLOWED_USERS, confirm=confirm)
+    bot = BotToolkit(client, STORE_DIR, verification=policy)  # keys go to verified devices
 
-    @dispatcher.on(RoomKeyWithheld)
+    @bot.on(RoomKeyWithheld)
     async def on_withheld(event: RoomKeyWithheld) -> None:
         print(f"{event.sender} withheld a key from us: {event.code} ({event.reason})", flush=True)
 
-    @dispatcher.on(VerificationDone)
+    @bot.on(VerificationDone)
     async def on_verified(event: VerificationDone) -> None:
         print(f"verified {event.user_id} {event.device_id}", flush=True)
 
-    plugin = attach(client, dispatcher, intercept_verification=True)  # nio's own SAS is off
-    store = await Store.open_in(STORE_DIR)  # outbox queue, m.no_olm ledger, verifications
-    transport = HttpTransport(HOMESERVER, ACCESS_TOKEN)
-    outbox = Outbox(transport, store, dispatcher=dispatcher)
-    await dispatcher.start()
-    await outbox.start()  # before key sharing and the manager: both may send as they start
-    keys_policy = SharingPolicy(share_with=ShareWith.VERIFIED)  # see the README for the fields
-    sharing = await key_sharing.attach(
-        client, store=store, outbox=outbox, dispatcher=dispatcher, policy=keys_policy
-    )
-    policy = VerificationPolicy(allowed_users=ALLOWED_USERS, confirm=confirm)
-    manager = VerificationManager(client, dispatcher, outbox, policy, store=store)
-    manager.watch(plugin)  # malformed verification events cancel with m.invalid_message
-    await manager.start()  # cancels verifications a previous run left open
-    if client.should_upload_keys:  # Element can only verify a device whose keys it can see
-        await client.keys_upload()
-    print(f"ready: verify {USER_ID} device {DEVICE_ID} from Element", flush=True)
-
-    sync = asyncio.create_task(client.sync_forever(timeout=30_000))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, sync.cancel)
-    try:
-        with contextlib.suppress(asyncio.CancelledError):
-            await sync
-    finally:  # nothing new comes in; handlers finish; then what they sent goes out
-        await dispatcher.close(timeout=10)
-        await manager.close()
-        await sharing.close()
-        await outbox.close(deadline=10)  # what is still unsent stays stored for the next run
-        plugin.detach()
-        await store.close()
-        await transport.close()
-        await client.close()
+    async with bot:  # starts the parts in order, closes them (and the client) in reverse
+        print(f"ready: verify {USER_ID} device {DEVICE_ID} from Element", flush=True)
+        await bot.run()  # syncs until SIGINT or SIGTERM
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The bot as a library user runs it, against the real Synapse, for the key-sharing tests.
 
 :class:`BotProcess` is one run of the whole bot_toolkit stack on a real nio ``AsyncClient``
-(store, outbox over HTTP, dispatcher, nio plugin, key sharing); stopping and starting it again on
+built through :class:`bot_toolkit.BotToolkit` (store, outbox over HTTP, dispatcher, nio plugin,
+key sharing); stopping and starting it again on
 the same data directory is a process restart. The claim backoff runs on a
 :class:`tests.fakes.FakeClock`.
 :func:`room_with` makes an encrypted room that a :class:`tests.raw_device.RawDevice` peer shares
@@ -15,15 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nio import AsyncClient, AsyncClientConfig, KeysUploadResponse, RoomSendResponse, SyncResponse
+from nio import AsyncClient, AsyncClientConfig, RoomSendResponse, SyncResponse
 from nio.store.models import OlmSessions
 
-from bot_toolkit import key_sharing, nio_plugin
-from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit import BotToolkit, Settings
 from bot_toolkit.events import ToDeviceEvent, WithheldCode
-from bot_toolkit.metrics import Metrics
-from bot_toolkit.outbox import HttpTransport, Outbox
-from bot_toolkit.store import Store
 from bot_toolkit.withheld import SharingPolicy
 from tests.fakes import FakeClock
 from tests.raw_device import RawDevice
@@ -69,42 +66,30 @@ class BotProcess:
             config=config,
         )
         self.client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
-        if self.client.should_upload_keys:
-            assert isinstance(await self.client.keys_upload(), KeysUploadResponse)
-        self.store = await Store.open_in(self.data_dir)
-        self.metrics = Metrics()
-        self.dispatcher = Dispatcher(self.metrics)
+        self.toolkit = BotToolkit(
+            self.client,
+            self.data_dir,
+            key_sharing=self.policy,
+            settings=Settings(drain_timeout=5.0),
+            clock=self.clock,
+        )
 
+        @self.toolkit.on(ToDeviceEvent)
         async def collect(event: ToDeviceEvent) -> None:
             self.events.append(event)
 
-        self.dispatcher.register(ToDeviceEvent, collect)
-        await self.dispatcher.start()
-        self.transport = HttpTransport(self.synapse.url, self.user.access_token)
-        self.outbox = Outbox(self.transport, self.store, self.metrics, dispatcher=self.dispatcher)
-        await self.outbox.start()
-        self.plugin = nio_plugin.attach(
-            self.client, self.dispatcher, trusted_own_devices=self.policy.own_devices
-        )
-        self.sharing = await key_sharing.attach(
-            self.client,
-            store=self.store,
-            outbox=self.outbox,
-            dispatcher=self.dispatcher,
-            policy=self.policy,
-            clock=self.clock,
-        )
+        await self.toolkit.start()
+        self.metrics = self.toolkit.metrics
+        self.dispatcher = self.toolkit.dispatcher
+        self.store = self.toolkit.store
+        self.outbox = self.toolkit.outbox
+        self.plugin = self.toolkit.plugin
+        self.sharing = self.toolkit.key_sharing
         assert isinstance(await self.client.sync(timeout=0, full_state=True), SyncResponse)
         return self
 
     async def stop(self) -> None:
-        await self.sharing.close()
-        self.plugin.detach()
-        await self.outbox.close(10.0)
-        await self.dispatcher.close(5.0)
-        await self.transport.close()
-        await self.store.close()
-        await self.client.close()
+        await self.toolkit.close()
 
     async def restart(self) -> BotProcess:
         await self.stop()

@@ -4,9 +4,9 @@ Unit side (no network): :class:`FakeKeys` (a :class:`KeySource`),
 :class:`FakeOutbox` (records every send and can deliver it to another side's dispatcher) and
 :func:`make_side` / :func:`wire` to run two managers back to back.
 
-Integration side: :func:`running_bot` builds the real bot: an encrypted nio client, the nio plugin
-with ``intercept_verification=True``, a Dispatcher, an Outbox over HttpTransport and a
-VerificationManager; it syncs in the background for the length of an ``async with``.
+Integration side: :func:`running_bot` builds the real bot through :class:`bot_toolkit.BotToolkit`
+(an encrypted nio client, the nio plugin with nio's own SAS off, a Dispatcher, an Outbox over
+HTTP and a VerificationManager); it syncs in the background for the length of an ``async with``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from bot_toolkit import BotToolkit, Settings
 from bot_toolkit._types import DeviceId, UserId
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import decode
 from bot_toolkit.metrics import Metrics
-from bot_toolkit.nio_plugin import attach
-from bot_toolkit.outbox import HttpTransport, Outbox, OutboxClosed
+from bot_toolkit.outbox import Outbox, OutboxClosed
 from bot_toolkit.store import Store
 from bot_toolkit.verification import (
     SasPrompt,
@@ -298,35 +296,30 @@ async def running_bot(
     from tests.nio_helpers import make_client, syncing  # noqa: PLC0415
 
     client = await make_client(synapse, tmp_path, user)
-    metrics = Metrics()
-    dispatcher = Dispatcher(metrics, handler_timeout=60.0)
-    plugin = attach(client, dispatcher, intercept_verification=True)
-    store = await Store.open(tmp_path / f"bot-{client.device_id}.sqlite3", synchronous="NORMAL")
-    session = aiohttp.ClientSession()
-    transport = HttpTransport(synapse.url, client.access_token, session)
-    outbox = Outbox(transport, store, metrics, dispatcher=dispatcher)
     policy = policy or VerificationPolicy(allowed_users=["@*:*"], confirm=auto_confirm())
-    manager = VerificationManager(client, dispatcher, outbox, policy, metrics, store=store)
-    manager.watch(plugin)
+    toolkit = BotToolkit(
+        client,
+        tmp_path / f"bot-{client.device_id}",
+        verification=policy,
+        key_sharing=None,
+        settings=Settings(handler_timeout=60.0, drain_timeout=5.0, flush_deadline=5.0),
+    )
     lifecycle: list[object] = []
 
     async def record(event: object) -> None:
         lifecycle.append(event)
 
     for cls in (VerificationRequested, SasReady, VerificationDone, VerificationCancelled):
-        dispatcher.register(cls, record)
-    await dispatcher.start()
-    await outbox.start()
-    await manager.start()
-    bot = Bot(client, dispatcher, outbox, store, manager, metrics, lifecycle)
-    try:
+        toolkit.on(cls)(record)
+    async with toolkit:
+        bot = Bot(
+            client,
+            toolkit.dispatcher,
+            toolkit.outbox,
+            toolkit.store,
+            toolkit.verification,
+            toolkit.metrics,
+            lifecycle,
+        )
         async with syncing(client, poll_ms=poll_ms):
             yield bot
-    finally:
-        await manager.close()
-        await outbox.close(5.0)
-        await dispatcher.close(5.0)
-        plugin.detach()
-        await session.close()
-        await store.close()
-        await client.close()
