@@ -12,7 +12,14 @@ from nio import AsyncClient
 
 from bot_toolkit._types import DeviceId, UserId
 
-__all__ = ["DeviceKeys", "EncryptionNotReady", "OwnIdentity", "device_keys", "our_identity"]
+__all__ = [
+    "DeviceKeys",
+    "EncryptionNotReady",
+    "OwnIdentity",
+    "device_keys",
+    "our_identity",
+    "sign_with_device",
+]
 
 
 class EncryptionNotReady(RuntimeError):
@@ -86,3 +93,14 @@ def device_keys(client: AsyncClient, user_id: str, device_id: str) -> DeviceKeys
     if not (isinstance(ed25519, str) and isinstance(curve25519, str)):
         return None
     return DeviceKeys(UserId(user_id), DeviceId(device_id), ed25519, curve25519)
+
+
+def sign_with_device(client: AsyncClient, message: bytes) -> str:
+    """Sign ``message`` (canonical JSON) with our device's Ed25519 key; unpadded base64.
+
+    Used to sign our own master cross-signing key with the device key.
+
+    Raises:
+        EncryptionNotReady: the client has no Olm machine yet.
+    """
+    return str(_olm(client).account.sign(message.decode("utf-8")))

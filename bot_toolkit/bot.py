@@ -64,6 +64,8 @@ from nio import (
 
 from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
+from bot_toolkit.identity import identity_for
+from bot_toolkit.identity.startup import IdentityOptions, IdentityStartup
 from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.store import StoreError
@@ -263,6 +265,7 @@ class Bot:
         self.client: AsyncClient | None = None
         self.toolkit: BotToolkit | None = None
         self.http: HttpServer | None = None
+        self.identity: IdentityStartup | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._dm_rooms: dict[str, str] = {}
@@ -647,6 +650,7 @@ class Bot:
                 if first:
                     first = False
                     log.info("first sync done; ready")
+                    self._start_identity(client)
                     self.ready.set()
                 await self._after_sync(client, resp)
             except BotError:
@@ -658,6 +662,27 @@ class Bot:
                 log.exception("sync loop error")
                 self._m_sync_errors.inc("error")
                 await self._backoff("sync", e)
+
+    def _start_identity(self, client: AsyncClient) -> None:
+        """Check / bootstrap / recover the cross-signing identity in the background (after the
+        first sync, so the device keys are uploaded). Never fatal: see ``[identity]``."""
+        cfg = self.config.identity
+        if not cfg.enabled or self.identity is not None:
+            return
+        m = self.config.matrix
+        options = IdentityOptions(
+            recovery_key=cfg.recovery_key.reveal() if cfg.recovery_key else None,
+            passphrase=cfg.passphrase.reveal() if cfg.passphrase else None,
+            password=m.password.reveal() if m.password else None,
+            bootstrap=cfg.bootstrap,
+            retry_max_delay=m.retry_max_delay,
+        )
+        startup = IdentityStartup(
+            identity_for(client, self.data_dir), options, self.metrics, self.data_dir
+        )
+        self.identity = startup
+        self.state.identity = startup.detail
+        self._tasks.append(asyncio.create_task(startup.run(), name="bot_toolkit.bot.identity"))
 
     async def _after_sync(self, client: AsyncClient, resp: SyncResponse) -> None:
         """What ``sync_forever`` does between syncs, plus joining invites."""

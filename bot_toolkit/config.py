@@ -41,6 +41,7 @@ __all__ = [
     "BotConfig",
     "ConfigError",
     "HttpConfig",
+    "IdentityConfig",
     "KeysConfig",
     "LoggingConfig",
     "MatrixConfig",
@@ -58,6 +59,8 @@ SECRET_ENV: Final[Mapping[str, str]] = {
     "matrix.password": "BOT_TOOLKIT_PASSWORD",
     "matrix.access_token": "BOT_TOOLKIT_ACCESS_TOKEN",
     "http.admin_token": "BOT_TOOLKIT_ADMIN_TOKEN",
+    "identity.recovery_key": "BOT_TOOLKIT_IDENTITY_RECOVERY_KEY",
+    "identity.passphrase": "BOT_TOOLKIT_IDENTITY_PASSPHRASE",
 }
 """The environment variable that supplies each secret key."""
 
@@ -322,6 +325,22 @@ class KeysConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """``[identity]``: the bot's cross-signing identity (see the README's "Identity" section)."""
+
+    enabled: bool = True
+    """Check the identity at start, bootstrap or recover it, and sign this device."""
+    bootstrap: bool = True
+    """Create an identity (and a recovery key) when the account has none."""
+    recovery_key: Secret | None = field(default=None, repr=False)
+    """The account's recovery key, to recover an existing identity; or
+    ``BOT_TOOLKIT_IDENTITY_RECOVERY_KEY``."""
+    passphrase: Secret | None = field(default=None, repr=False)
+    """The secret storage passphrase instead of the recovery key; or
+    ``BOT_TOOLKIT_IDENTITY_PASSPHRASE``."""
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxConfig:
     """``[outbox]``: outbound to-device messages."""
 
@@ -383,13 +402,20 @@ class BotConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def secrets(self) -> list[str]:
         """Every secret value set here (for log redaction)."""
-        found = (self.matrix.password, self.matrix.access_token, self.http.admin_token)
+        found = (
+            self.matrix.password,
+            self.matrix.access_token,
+            self.http.admin_token,
+            self.identity.recovery_key,
+            self.identity.passphrase,
+        )
         return [s.reveal() for s in found if s]
 
 

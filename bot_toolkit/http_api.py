@@ -154,6 +154,9 @@ class BotState:
     """Reads the outbox backlog age (see :meth:`Readiness.outbox_oldest_pending_age`)."""
     outbox_is_full: Callable[[], bool] = field(default=lambda: False)
     """Reads whether the outbox is at its bound (see :meth:`Readiness.outbox_full`)."""
+    identity: Callable[[], str] | None = None
+    """Reads the cross-signing identity state for ``/readyz`` (informational: a device that is
+    not cross-signed does not make the bot unready)."""
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def outbox_oldest_pending_age(self) -> float | None:
@@ -323,6 +326,9 @@ class _Api:
                 "ok": pending <= self.outbox_stuck_after,
                 "detail": f"oldest unsent message waited {pending:.0f}s",
             }
+        identity = getattr(r, "identity", None)
+        if callable(identity):
+            checks["identity"] = {"ok": True, "detail": identity()}
         failing = [name for name, check in checks.items() if not check["ok"]]
         if not self.authorized(request):
             # Details may hold internal error text: only for the operator.

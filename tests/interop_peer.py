@@ -508,6 +508,31 @@ class JsPeer:
             timeout=30,
         )
 
+    # -- identity (cross-signing, secret storage) -------------------------------------------
+
+    async def user_identity(self, user_id: str) -> Event:
+        """``{"has_keys": userHasCrossSigningKeys(user, download), "master_key": ...}``."""
+        return await self.call("user_identity", user_id=user_id)
+
+    async def cross_signing_status(self) -> Event:
+        return await self.call("cross_signing_status")
+
+    async def set_recovery_key(self, recovery_key: str) -> None:
+        await self.call("set_recovery_key", recovery_key=recovery_key)
+
+    async def bootstrap_cross_signing(self, password: str | None = None) -> Event:
+        return await self.call("bootstrap_cross_signing", password=password, timeout=60)
+
+    async def create_secret_storage(self) -> str:
+        res = await self.call("create_secret_storage", timeout=60)
+        return str(res["recovery_key"])
+
+    async def set_isolation_mode(self, mode: str) -> None:
+        await self.call("set_isolation_mode", mode=mode)
+
+    async def encryption_info(self, room_id: str, event_id: str) -> Event:
+        return await self.call("encryption_info", room_id=room_id, event_id=event_id)
+
     async def stop(self) -> None:
         with contextlib.suppress(JsPeerError):
             await self.call("stop", reply_timeout=5)
@@ -515,5 +540,6 @@ class JsPeer:
 
 def _redact(args: dict[str, Any]) -> str:
     """Command arguments for the log, without the access token."""
-    shown = {k: ("<redacted>" if k == "access_token" else v) for k, v in args.items()}
+    hidden = ("access_token", "password", "recovery_key")
+    shown = {k: ("<redacted>" if k in hidden else v) for k, v in args.items()}
     return json.dumps(shown)[:1000]

@@ -18,7 +18,6 @@ decided by :mod:`bot_toolkit.verification.negotiation`.
 
 from __future__ import annotations
 
-import base64
 import copy
 import functools
 import hashlib
@@ -30,6 +29,8 @@ from importlib import resources
 from typing import Any, Final, NamedTuple
 
 import vodozemac
+
+from bot_toolkit.encoding import canonical_json, unpadded_b64
 
 from .errors import (
     CommitmentMismatchError,
@@ -73,18 +74,6 @@ log = logging.getLogger("bot_toolkit.verification.sas")
 
 # --------------------------------------------------------------------------------------------
 # Encodings, commitment, HKDF info strings.
-
-
-def unpadded_b64(data: bytes) -> str:
-    """Standard base64 without ``=`` padding (the spec's "unpadded base64")."""
-    return base64.b64encode(data).decode("ascii").rstrip("=")
-
-
-def canonical_json(value: object) -> bytes:
-    """Matrix canonical JSON: sorted keys, no insignificant whitespace, UTF-8, no escaping."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def compute_commitment(public_key: str, start_content: Mapping[str, Any]) -> str:

@@ -24,7 +24,15 @@
 //   list_requests; auto_accept {enabled?, confirm?=true, mismatch?, start?, delay_ms?, user_id?, device_id?}
 //   send_to_device {type, messages | user_id+device_id+content, txn_id?}
 //   send_encrypted_to_device {type, devices | user_id+device_id, content, txn_id?}
-// Notifications: ready, sync, verification_request, verification_phase, sas, verification_done,
+//   identity (cross-signing, secret storage):
+//   user_identity {user_id}             userHasCrossSigningKeys (downloading) + their master key
+//   cross_signing_status                 our own: status, master key id, isCrossSigningReady
+//   set_recovery_key {recovery_key}      the secret storage key getSecretStorageKey answers with
+//   bootstrap_cross_signing {password?}  bootstrapCrossSigning (UIA with the password if asked)
+//   create_secret_storage                new default SSSS key + keys in it; returns recovery_key
+//   set_isolation_mode {mode: "only_signed"|"all"}; encryption_info {room_id, event_id}
+//   room_messages {room_id}              decrypted timeline events seen (room_event notifications)
+// Notifications: ready, sync, room_event, verification_request, verification_phase, sas, verification_done,
 //   verification_cancelled, verifier_cancelled, auto_error, to_device, protocol_error, fatal.
 //
 // Only loopback homeservers are accepted (127.0.0.1, ::1, localhost), and every HTTP request the
@@ -44,6 +52,10 @@ let wasm; // @matrix-org/matrix-sdk-crypto-wasm (same instance the SDK uses)
 
 let client = null;
 let crypto = null;
+/** the secret storage key (Uint8Array) getSecretStorageKey answers with, or null */
+let secretStorageKey = null;
+/** room id -> [MatrixEvent] seen in the timeline (for encryption_info / room_messages) */
+const roomEvents = new Map();
 let syncState = null;
 let syncError = null;
 let shuttingDown = false;
@@ -247,6 +259,18 @@ async function knownDevices(userId) {
     return devices ? [...devices.values()] : [];
 }
 
+function eventToJson(e) {
+    return {
+        room_id: e.getRoomId(),
+        event_id: e.getId(),
+        sender: e.getSender(),
+        type: e.getType(),
+        encrypted: e.isEncrypted(),
+        decryption_failure: e.isDecryptionFailure() ? (e.decryptionFailureReason ?? "unknown") : null,
+        body: e.isDecryptionFailure() ? null : (e.getContent()?.body ?? null),
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // verification tracking
 
@@ -423,6 +447,13 @@ const commands = {
             deviceId: requireArg(args, "device_id"),
             fetchFn: loopbackFetch,
             timelineSupport: false,
+            cryptoCallbacks: {
+                getSecretStorageKey: async ({ keys }) => {
+                    if (!secretStorageKey) return null;
+                    const keyId = Object.keys(keys)[0];
+                    return keyId ? [keyId, secretStorageKey] : null;
+                },
+            },
         });
         return { user_id: client.getUserId(), device_id: client.getDeviceId() };
     },
@@ -464,6 +495,21 @@ const commands = {
             syncState = state;
             syncError = data?.error ? errText(data.error) : null;
             bump();
+        });
+        c.on(sdk.RoomEvent.Timeline, (event, room) => {
+            if (!room) return;
+            const list = roomEvents.get(room.roomId) ?? [];
+            list.push(event);
+            roomEvents.set(room.roomId, list);
+            const report = () => {
+                emit({ event: "room_event", ...eventToJson(event) });
+                bump();
+            };
+            if (event.isBeingDecrypted() || event.shouldAttemptDecryption?.()) {
+                event.once(sdk.MatrixEventEvent.Decrypted, report);
+            } else {
+                report();
+            }
         });
         c.on(sdk.RoomMemberEvent.Membership, () => bump());
         c.on(sdk.RoomEvent.MyMembership, () => bump());
@@ -765,6 +811,96 @@ const commands = {
             }
         }
         return { enabled: true, ...autoMode };
+    },
+
+    // --- identity -------------------------------------------------------------------------
+
+    async user_identity(args) {
+        const userId = requireArg(args, "user_id");
+        const has = await requireCrypto().userHasCrossSigningKeys(userId, true);
+        let master = null;
+        const identity = await crypto.olmMachine.getIdentity(new wasm.UserId(userId));
+        if (identity) {
+            const keys = JSON.parse(identity.masterKey).keys;
+            master = Object.values(keys)[0] ?? null;
+            identity.free?.();
+        }
+        return { has_keys: has, master_key: master };
+    },
+
+    async cross_signing_status() {
+        const c = requireCrypto();
+        const status = await c.getCrossSigningStatus();
+        return {
+            public_keys_on_device: status.publicKeysOnDevice,
+            private_keys_in_secret_storage: status.privateKeysInSecretStorage,
+            private_keys_cached: status.privateKeysCachedLocally,
+            master_key: await c.getCrossSigningKeyId(),
+            ready: await c.isCrossSigningReady(),
+        };
+    },
+
+    async set_recovery_key(args) {
+        secretStorageKey = cryptoApiMod.decodeRecoveryKey(requireArg(args, "recovery_key"));
+        return {};
+    },
+
+    async bootstrap_cross_signing(args) {
+        const c = requireClient();
+        await withTimeout(
+            requireCrypto().bootstrapCrossSigning({
+                authUploadDeviceSigningKeys: async (makeRequest) => {
+                    if (!args.password) return makeRequest(null);
+                    return makeRequest({
+                        type: "m.login.password",
+                        identifier: { type: "m.id.user", user: c.getUserId() },
+                        password: args.password,
+                    });
+                },
+            }),
+            args.timeout,
+            "bootstrapCrossSigning",
+        );
+        return commands.cross_signing_status();
+    },
+
+    async create_secret_storage(args) {
+        const generated = await requireCrypto().createRecoveryKeyFromPassphrase();
+        secretStorageKey = generated.privateKey;
+        await withTimeout(
+            crypto.bootstrapSecretStorage({ createSecretStorageKey: async () => generated, setupNewSecretStorage: true }),
+            args.timeout,
+            "bootstrapSecretStorage",
+        );
+        return { recovery_key: generated.encodedPrivateKey };
+    },
+
+    async set_isolation_mode(args) {
+        const mode = requireArg(args, "mode");
+        const m = cryptoApiMod;
+        if (mode === "only_signed") requireCrypto().setDeviceIsolationMode(new m.OnlySignedDevicesIsolationMode());
+        else if (mode === "all") requireCrypto().setDeviceIsolationMode(new m.AllDevicesIsolationMode(false));
+        else throw new Error(`unknown isolation mode ${mode}`);
+        return {};
+    },
+
+    async encryption_info(args) {
+        const roomId = requireArg(args, "room_id");
+        const eventId = requireArg(args, "event_id");
+        const event = (roomEvents.get(roomId) ?? []).find((e) => e.getId() === eventId);
+        if (!event) throw new Error(`event ${eventId} not seen in ${roomId}`);
+        const info = await requireCrypto().getEncryptionInfoForEvent(event);
+        const colours = { 0: "none", 1: "grey", 2: "red" };
+        return {
+            ...eventToJson(event),
+            shield: info ? colours[info.shieldColour] : null,
+            shield_reason: info?.shieldReason ?? null,
+        };
+    },
+
+    async room_messages(args) {
+        const roomId = requireArg(args, "room_id");
+        return { events: (roomEvents.get(roomId) ?? []).map(eventToJson) };
     },
 
     // --- to-device ------------------------------------------------------------------------
