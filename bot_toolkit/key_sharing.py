@@ -71,6 +71,7 @@ from nio import AsyncClient, KeysClaimResponse
 from bot_toolkit._patching import InstancePatch
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
+from bot_toolkit.key_queries import KeyQueries
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.nio_plugin import our_identity
 from bot_toolkit.store import Store
@@ -97,6 +98,9 @@ log = logging.getLogger("bot_toolkit.key_sharing")
 WITHHELD_EVENT: Final = "m.room_key.withheld"
 _ENCRYPTED_EVENT: Final = "m.room.encrypted"
 _REQUESTS_REMEMBERED: Final = 10_000
+_NO_OLM_ANSWERS: Final = 64
+"""``m.no_olm`` answers (device-list query, claim, ``m.dummy``) running at once; more are
+dropped and counted (``withheld_dummy_total{result="busy"}``)."""
 
 
 class NoticeOutbox(Protocol):
@@ -223,6 +227,8 @@ class KeySharing:
         # query, claim, m.dummy). Any Matrix user can send both.
         self._request_limit = SenderRateLimit(clock)
         self._no_olm_limit = SenderRateLimit(clock)
+        self._queries = KeyQueries.of(client, metrics)
+        self._answering = 0  # m.no_olm answers running in the background
         self._attached = True
         self._patches: list[InstancePatch] = []
         self._olm: Any = None
@@ -744,16 +750,40 @@ class KeySharing:
             self._m_limited.inc("no_olm")
             log.debug("m.no_olm from %s: rate limited", event.sender)
             return
-        device = _sender_device(olm, event)
-        if device is None:
-            # Unknown device: fetch the sender's device list once, then look again.
-            client.users_for_key_query.add(event.sender)
-            await client.keys_query()
-            device = _sender_device(olm, event)
-        if device is None:
-            self._m_dummy.inc("no_device")
-            log.info("m.no_olm from %s: its device is unknown, no m.dummy", event.sender)
+        if not _knows_user(client, event.sender):
+            # A user the bot shares no room with has no room key to send it: nothing to
+            # answer, and no reason to query (and from then on track) its devices.
+            self._m_dummy.inc("stranger")
+            log.info("m.no_olm from %.255s: not a user the bot knows, no m.dummy", event.sender)
             return
+        if self._answering >= _NO_OLM_ANSWERS:
+            self._m_dummy.inc("busy")
+            log.info("m.no_olm from %.255s: too many answers in progress", event.sender)
+            return
+        # Off the dispatcher: the device-list query and the one-time-key claim can take as
+        # long as the sender's homeserver makes them.
+        self._answering += 1
+        self._spawn(self._answer_no_olm(event))
+
+    async def _answer_no_olm(self, event: RoomKeyWithheld) -> None:
+        try:
+            olm = self.client.olm
+            if olm is None:
+                return
+            device = _sender_device(olm, event)
+            if device is None:
+                # Unknown device: fetch the sender's device list (at most once a while).
+                await self._queries.query(event.sender)
+                device = _sender_device(olm, event)
+            if device is None:
+                self._m_dummy.inc("no_device")
+                log.info("m.no_olm from %.255s: its device is unknown, no m.dummy", event.sender)
+                return
+            await self._dummy_to(olm, device)
+        finally:
+            self._answering -= 1
+
+    async def _dummy_to(self, olm: Any, device: Any) -> None:
         peer = self._peer(device)
         if not await self._throttle.acquire(peer):
             self._m_dummy.inc("throttled")
@@ -827,6 +857,15 @@ def _room_sessions(store: Any, room_id: str) -> Mapping[str, Mapping[str, Any]]:
     """
     entries: Mapping[str, Mapping[str, Mapping[str, Any]]] = store._entries
     return entries.get(room_id, {})
+
+
+def _knows_user(client: Any, user_id: str) -> bool:
+    """Whether nio tracks ``user_id``'s devices or the user is in a room with the bot."""
+    olm = client.olm
+    if olm is not None and (user_id in olm.tracked_users or user_id in olm.device_store.users):
+        return True
+    rooms = (*client.rooms.values(), *client.invited_rooms.values())
+    return any(user_id in room.users for room in rooms)
 
 
 def _sender_device(olm: Any, event: RoomKeyWithheld) -> Any:

@@ -30,6 +30,7 @@ from nio.crypto import OlmDevice
 from bot_toolkit import key_sharing, withheld
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RequestedKeyInfo, RoomKeyRequest, RoomKeyWithheld, WithheldCode
+from bot_toolkit.key_queries import NEGATIVE_TTL, KeyQueries, nio_query
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.store import Store
 from bot_toolkit.withheld import NoOlmLedger, PeerDevice, SharingPolicy
@@ -407,24 +408,31 @@ async def test_the_dummy_slot_is_given_back_when_nothing_was_sent(offline: Offli
     dummies = offline.metrics.get("withheld_dummy_total")
     assert dummies is not None
 
-    # No one-time key: nothing sent, so the next m.no_olm may try again within the hour.
-    await sharing._on_withheld(_no_olm(device))
-    assert dummies.get("no_key") == 1
-    # The claim itself raises: the slot is given back too.
-    claim["raise"] = True
-    with pytest.raises(OSError):
+    errors = offline.metrics.get("key_sharing_errors_total")
+    assert errors is not None
+
+    async def answer() -> None:  # the answer runs off the dispatcher, in the background
         await sharing._on_withheld(_no_olm(device))
+        await sharing.join()
+
+    # No one-time key: nothing sent, so the next m.no_olm may try again within the hour.
+    await answer()
+    assert dummies.get("no_key") == 1
+    # The claim itself raises: the slot is given back too (the failure is counted).
+    claim["raise"] = True
+    await answer()
+    assert errors.get("background") == 1
     claim["raise"] = False
     # A session is opened but the outbox fails: still nothing sent, slot given back.
     claim["key"] = True
     outbox.failures = 1
-    with pytest.raises(OSError):
-        await sharing._on_withheld(_no_olm(device))
+    await answer()
+    assert errors.get("background") == 2
     assert outbox.sent == []
     # Now it goes out; and only then is the peer throttled for the hour.
-    await sharing._on_withheld(_no_olm(device))
+    await answer()
     assert [t for t, _, _ in outbox.sent] == ["m.room.encrypted"]
-    await sharing._on_withheld(_no_olm(device))
+    await answer()
     assert (dummies.get("sent"), dummies.get("throttled")) == (1, 1)
     assert len(outbox.sent) == 1
     await sharing.close()
@@ -480,6 +488,11 @@ async def test_no_olm_answers_are_rate_limited_per_sender(offline: Offline) -> N
         clock=clock,
     )
 
+    sharing._queries = KeyQueries(
+        lambda user: nio_query(offline.client, user), clock=clock, metrics=offline.metrics
+    )
+    offline.olm.tracked_users.update({"@eve:example.org", "@bob:example.org"})
+
     def notice(sender: str, n: int) -> RoomKeyWithheld:
         return RoomKeyWithheld(
             sender=sender,
@@ -489,18 +502,34 @@ async def test_no_olm_answers_are_rate_limited_per_sender(offline: Offline) -> N
             from_device=f"DEV{n}",
         )
 
-    # 100 m.no_olm naming unknown devices: at most the bucket's worth of device-list queries.
+    async def answer(sender: str, n: int) -> None:
+        await sharing._on_withheld(notice(sender, n))
+        await sharing.join()
+
+    # 100 m.no_olm naming unknown devices: the bucket's worth of answers, and of those only
+    # one device-list query (the per-user negative cache).
     for n in range(100):
-        await sharing._on_withheld(notice("@eve:example.org", n))
-    assert len(queried) == withheld.SENDER_BURST
+        await answer("@eve:example.org", n)
+    assert queried == [{"@eve:example.org"}]
     limited = offline.metrics.get("key_sharing_rate_limited_total")
     assert limited is not None and limited.get("no_olm") == 100 - withheld.SENDER_BURST
-    await sharing._on_withheld(notice("@bob:example.org", 0))
+    dummies = offline.metrics.get("withheld_dummy_total")
+    assert dummies is not None and dummies.get("no_device") == withheld.SENDER_BURST
+    queries = offline.metrics.get("key_queries_total")
+    assert queries is not None and queries.get("cached") == withheld.SENDER_BURST - 1
+    await answer("@bob:example.org", 0)
     assert queried[-1] == {"@bob:example.org"}
-    clock.now += withheld.SENDER_REFILL
-    await sharing._on_withheld(notice("@eve:example.org", 100))
-    await sharing._on_withheld(notice("@eve:example.org", 101))
-    assert len(queried) == withheld.SENDER_BURST + 2
+    # A user the bot shares no room with causes no query at all (nor tracking).
+    for n in range(20):
+        await answer("@stranger:example.org", n)
+    assert dummies.get("stranger") == withheld.SENDER_BURST
+    assert "@stranger:example.org" not in offline.olm.tracked_users
+    assert len(queried) == 2
+    # After the negative cache expires (and the bucket refilled), eve is queried again.
+    clock.now += max(withheld.SENDER_REFILL, NEGATIVE_TTL)
+    await answer("@eve:example.org", 100)
+    await answer("@eve:example.org", 101)
+    assert len(queried) == 3
     await sharing.close()
 
 

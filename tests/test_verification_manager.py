@@ -1030,7 +1030,7 @@ async def test_nothing_to_query_is_benign(
     from nio import KeysQueryError  # noqa: PLC0415
 
     source = NioKeySource(_QueryClient(KeysQueryError(message)))
-    with caplog.at_level(logging.DEBUG, logger="bot_toolkit.verification.peer_keys"):
+    with caplog.at_level(logging.DEBUG, logger="bot_toolkit.key_queries"):
         await source.query("@bob:test")
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert bool(warnings) is warned

@@ -53,8 +53,9 @@ class KeySource(Protocol):
 class NioKeySource:
     """:class:`KeySource` over a ``nio.AsyncClient`` with encryption.
 
-    Keys of users we share no room with are fetched by adding the user to nio's
-    ``users_for_key_query`` and calling ``client.keys_query()``; nio then tracks the user.
+    Keys of users we share no room with are fetched through the client's
+    :class:`~bot_toolkit.key_queries.KeyQueries` (nio's ``keys_query()``; nio then tracks the
+    user). Only allowed users get that far.
     The master cross-signing key is read from a raw ``/keys/query`` (nio 0.26 ignores
     ``master_keys``) with the client's access token.
     """
@@ -84,22 +85,13 @@ class NioKeySource:
         return None
 
     async def query(self, user_id: str) -> None:
-        from nio import LocalProtocolError  # noqa: PLC0415
+        # Through the client's shared KeyQueries: a global cap on concurrent queries, a
+        # timeout, and at most one query per user a minute (requests naming unknown devices
+        # must not each cost a /keys/query).
+        from ..key_queries import KeyQueries  # noqa: PLC0415
 
-        olm = self._client.olm
-        if olm is None:
-            return
-        olm.users_for_key_query.add(user_id)
-        try:
-            response = await self._client.keys_query()
-        except LocalProtocolError:  # the sync loop's own query took the user already
-            return
-        if _nothing_to_query(response):
-            # The nio plugin's guard: the sync loop's own query took the user already.
-            log.debug("keys query for %s: already done by the sync loop", user_id)
-            return
-        if type(response).__name__ != "KeysQueryResponse":
-            log.warning("keys query for %s failed: %s", user_id, type(response).__name__)
+        if self._client.olm is not None:
+            await KeyQueries.of(self._client).query(user_id)
 
     async def master_key(self, user_id: str) -> str | None:
         import aiohttp  # noqa: PLC0415
@@ -140,18 +132,6 @@ class NioKeySource:
             return False
         self._client.verify_device(device)
         return True
-
-
-_NO_QUERY_REQUIRED = "No key query required."
-
-
-def _nothing_to_query(response: object) -> bool:
-    """Whether ``keys_query()`` answered that nothing was pending (nio's own wording, also
-    used by the nio plugin's guard); benign: someone else queried the keys already."""
-    return (
-        type(response).__name__ == "KeysQueryError"
-        and getattr(response, "message", None) == _NO_QUERY_REQUIRED
-    )
 
 
 class PeerKeys:
