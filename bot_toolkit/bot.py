@@ -27,6 +27,11 @@ Stopping (SIGTERM, SIGINT or :meth:`Bot.stop`): stop syncing, drain the dispatch
 outbox for at most ``outbox.flush_deadline`` seconds (the rest stays stored for the next start),
 close the stores; :func:`run_bot` then returns 0.
 
+Plugins (``[plugins]``, :mod:`bot_toolkit.plugin_host`) are loaded when the :class:`Bot` is made,
+register their handlers on the toolkit before it starts, start before the first sync and stop
+after the dispatcher has drained; one that fails to load or start raises
+:class:`~bot_toolkit.plugin_host.PluginError` (a config error: the CLI exits 2).
+
 Fatal problems (the homeserver refuses the credentials, the data directory is unusable, the HTTP
 port cannot be bound) raise :class:`BotError` with a one-line message; the CLI turns it into
 exit code 1. Access tokens and passwords are never logged: the token learnt at login is added to
@@ -68,6 +73,7 @@ from bot_toolkit.identity import identity_for
 from bot_toolkit.identity.startup import IdentityOptions, IdentityStartup
 from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
+from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
 from bot_toolkit.store import StoreError
 from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
@@ -252,8 +258,14 @@ class Bot:
         *,
         confirm: Callable[[SasPrompt], Awaitable[bool]] | None = None,
         install_signal_handlers: bool = True,
+        plugins: tuple[Plugin[Any], ...] | None = None,
     ) -> None:
         self.config = config
+        # [plugins]: loaded (imported, configured, set up) now, so a broken plugin is a config
+        # error (PluginError) before anything connects; None: load what the config names.
+        self.plugins = PluginHost(
+            load_plugins(config.plugins) if plugins is None else plugins, config.plugins
+        )
         self.data_dir = Path(config.storage.data_dir)
         self.metrics = Metrics()
         self.state = BotState()
@@ -374,6 +386,7 @@ class Bot:
         self._session = aiohttp.ClientSession()
         await self._login()
         await self._build()
+        await self.plugins.start()
         await self._sync_loop()
 
     # ------------------------------------------------------------------ retries
@@ -612,6 +625,7 @@ class Bot:
         self.toolkit = toolkit
         if cfg.verification.enabled and cfg.verification.post_sas_in_dm:
             toolkit.on(SasReady)(self._post_sas)
+        self.plugins.attach(toolkit)
         try:
             await toolkit.start()
         except (StoreError, sqlite3.Error) as e:
@@ -777,6 +791,13 @@ class Bot:
                 await task
         self._tasks.clear()
         if self.toolkit is not None:
+            if self.plugins.running:
+                # The plugins' stop hooks run once their handlers are done (the toolkit's own
+                # close then finds the dispatcher closed already).
+                with _logged("dispatcher close"):
+                    await self.toolkit.dispatcher.close(_DRAIN_TIMEOUT)
+            with _logged("plugins stop"):
+                await self.plugins.stop()
             await self.toolkit.close()  # every part in order, then the nio client
         elif self.client is not None:
             with _logged("nio close"):
@@ -798,9 +819,11 @@ def _logged(what: str) -> Iterator[None]:
         log.exception("shutdown: %s failed", what)
 
 
-async def run_bot(config: BotConfig) -> int:
+async def run_bot(config: BotConfig, *, plugins: tuple[Plugin[Any], ...] | None = None) -> int:
     """The ``run`` command: run a :class:`Bot` until SIGTERM/SIGINT; 0 on a clean stop.
 
-    Raises :class:`BotError` (one-line message) for fatal problems.
+    ``plugins``: already loaded (:func:`~bot_toolkit.plugin_host.load_plugins`); ``None``:
+    load ``config.plugins``. Raises :class:`BotError` (one-line message) for fatal problems and
+    :class:`~bot_toolkit.plugin_host.PluginError` when a plugin cannot load or start.
     """
-    return await Bot(config).run()
+    return await Bot(config, plugins=plugins).run()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import inspect
 import ipaddress
@@ -96,10 +97,27 @@ def _load(args: argparse.Namespace) -> BotConfig | None:
         return None
 
 
+def _plugins(config: BotConfig) -> tuple[Any, ...] | None:
+    """Import, configure and set up the ``[plugins]``; None (error printed) when one fails."""
+    # imported here: nio and the plugins' own imports are not needed by the other commands
+    from bot_toolkit.plugin_host import load_plugins  # noqa: PLC0415
+
+    try:
+        return load_plugins(config.plugins)
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return None
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    if _load(args) is None:
+    config = _load(args)
+    if config is None:
         return EXIT_CONFIG
-    print(f"config OK: {_config_path(args) or '(environment)'}")
+    plugins = _plugins(config)  # as `run` does before it connects
+    if plugins is None:
+        return EXIT_CONFIG
+    names = f" (plugins: {', '.join(p.name for p in plugins)})" if plugins else ""
+    print(f"config OK: {_config_path(args) or '(environment)'}{names}")
     return EXIT_OK
 
 
@@ -162,6 +180,9 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format, secrets=config.secrets())
+    plugins = _plugins(config)
+    if plugins is None:
+        return EXIT_CONFIG
 
     def start() -> int:
         bot = _optional_module("bot_toolkit.bot")
@@ -169,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
             _err("fatal: run is not available: this build has no bot_toolkit.bot module")
             return EXIT_FATAL
         log.info("bot-toolkit %s starting as %s", __version__, config.matrix.user_id)
-        return _call(bot.run_bot, config)
+        return _call(functools.partial(bot.run_bot, plugins=plugins), config)
 
     return _guarded("run", start)
 

@@ -31,6 +31,7 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, Literal, Union, final, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
@@ -46,6 +47,7 @@ __all__ = [
     "LoggingConfig",
     "MatrixConfig",
     "OutboxConfig",
+    "PluginsConfig",
     "Secret",
     "StorageConfig",
     "VerificationConfig",
@@ -235,6 +237,30 @@ def _level(key: str, value: str) -> str:
     return level
 
 
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _modules(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    for i, name in enumerate(value):
+        if not _MODULE.fullmatch(name):
+            raise ConfigError(
+                f"{key}[{i}]", f"expected a module name like 'my_bot.plugin', got {name!r}"
+            )
+    return value
+
+
+def _entry_point_group(key: str, value: str | None) -> str | None:
+    if value is not None and not _MODULE.fullmatch(value):
+        raise ConfigError(
+            key, f"expected an entry-point group like 'my_bot.plugins', got {value!r}"
+        )
+    return value
+
+
+_NOT_IN_TOML: Final = {"toml": False}
+"""Field metadata: the field is filled by :func:`load_config`, not read as a key."""
+
+
 def _check(check: Callable[[str, Any], Any]) -> dict[str, Any]:
     """Field metadata: run ``check(key, value)`` after the type conversion."""
     return {"check": check}
@@ -395,6 +421,29 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PluginsConfig:
+    """``[plugins]``: the user's handler modules (see :mod:`bot_toolkit.plugin_host`).
+
+    Each plugin's own settings are the table ``[plugins.<name>]``, where the name is the last
+    part of the module name (``my_bot.ping`` -> ``ping``) or the entry point's name.
+    """
+
+    modules: tuple[str, ...] = field(default=(), metadata=_check(_modules))
+    """Importable modules, each defining ``setup(plugin)``; or ``BOT_TOOLKIT_PLUGINS_MODULES``
+    (comma-separated)."""
+    entry_point_group: str | None = field(default=None, metadata=_check(_entry_point_group))
+    """Also load every installed entry point of this group (e.g. ``bot_toolkit.plugins``)."""
+    command_prefix: str = field(default="!", metadata=_check(_nonempty))
+    """What starts a command in a message (``!ping``)."""
+    handler_timeout: float = field(default=30.0, metadata=_check(_positive))
+    """Seconds after which a plugin's handler, start or stop hook is cancelled."""
+    settings: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}), metadata=_NOT_IN_TOML
+    )
+    """The ``[plugins.<name>]`` tables, by plugin name (checked when the plugins load)."""
+
+
+@dataclass(frozen=True, slots=True)
 class BotConfig:
     """The whole configuration; one attribute per TOML table."""
 
@@ -406,6 +455,7 @@ class BotConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
     def secrets(self) -> list[str]:
         """Every secret value set here (for log redaction)."""
@@ -531,7 +581,7 @@ def _env_values(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
         if section is None:
             continue  # BOT_TOOLKIT_CONFIG and other variables that are not keys
         name = rest[len(section) + 1 :]
-        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        names = list(_keys(SECTIONS[section]))
         dotted = f"{section}.{name}"
         if dotted in SECRET_ENV:
             raise ConfigError(dotted, f"set it with {SECRET_ENV[dotted]}, not {var}", source=var)
@@ -540,6 +590,16 @@ def _env_values(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
             raise ConfigError(dotted, f"unknown key{hint}", source=var)
         out.setdefault(section, {})[name] = text
     return out
+
+
+def _keys(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    """The fields of a section that are keys of its table (and of the environment)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("toml", True)}
+
+
+def _plugin_tables(table: dict[str, Any]) -> dict[str, Any]:
+    """Move the ``[plugins.<name>]`` sub-tables out of the ``[plugins]`` table."""
+    return {name: table.pop(name) for name in list(table) if isinstance(table[name], dict)}
 
 
 def _build_section(
@@ -551,7 +611,7 @@ def _build_section(
 ) -> Any:
     cls = SECTIONS[section]
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _keys(cls)
     for name in table:
         if name not in fields:
             raise ConfigError(
@@ -616,10 +676,14 @@ def load_config(
         if not isinstance(value, dict):
             raise ConfigError(name, f"expected a table, got {_toml_type(value)}", source=source)
     env_values = _env_values(env)
+    plugin_tables = _plugin_tables(data.get("plugins", {}))
     sections = {
         name: _build_section(name, data.get(name, {}), env_values.get(name, {}), base_dir, source)
         for name in SECTIONS
     }
+    sections["plugins"] = dataclasses.replace(
+        sections["plugins"], settings=MappingProxyType(plugin_tables)
+    )
     matrix: MatrixConfig = sections["matrix"]
     if not (matrix.password or matrix.access_token):
         raise ConfigError(
