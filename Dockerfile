@@ -11,6 +11,9 @@
 # uid 10001), or only environment variables: run with -e BOT_TOOLKIT_CONFIG= and
 # BOT_TOOLKIT_MATRIX_HOMESERVER, BOT_TOOLKIT_MATRIX_USER_ID, ... (see config.example.toml).
 # State (device keys, session, database) lives in the /data volume: keep it across upgrades.
+# Plugins: mount a folder of modules at /plugins (on the module path) and name them in
+# [plugins] modules or BOT_TOOLKIT_PLUGINS_MODULES, or build FROM this image and pip install yours
+# into /opt/venv (README: "Plugins").
 # The HTTP endpoints listen on 127.0.0.1 unless http.host says otherwise (e.g. "0.0.0.0" to
 # publish the port); the HEALTHCHECK runs inside the container, so it works either way.
 
@@ -42,11 +45,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     BOT_TOOLKIT_CONFIG=/config/config.toml \
-    BOT_TOOLKIT_STORAGE_DATA_DIR=/data
+    BOT_TOOLKIT_STORAGE_DATA_DIR=/data \
+    PYTHONPATH=/plugins
 RUN groupadd --system --gid 10001 bot \
  && useradd --system --uid 10001 --gid bot --home-dir /data --no-create-home \
       --shell /usr/sbin/nologin bot \
- && mkdir -p /data /config \
+ && mkdir -p /data /config /plugins \
  && chown bot:bot /data \
  && chmod 0700 /data
 COPY --from=build /opt/venv /opt/venv

@@ -72,6 +72,14 @@ _LAZY: dict[str, str] = {
     "VerificationDone": "bot_toolkit.verification.lifecycle",
     "VerificationRequested": "bot_toolkit.verification.lifecycle",
     "OutboxSendFailed": "bot_toolkit.outbox",
+    # plugins and room messages
+    "Plugin": "bot_toolkit.plugin_host",
+    "PluginError": "bot_toolkit.plugin_host",
+    "RoomMessage": "bot_toolkit.room_messages",
+    "RoomMessageFeed": "bot_toolkit.room_messages",
+    "SenderTrust": "bot_toolkit.room_messages",
+    "Command": "bot_toolkit.room_messages",
+    "parse_command": "bot_toolkit.room_messages",
     # errors
     "OutboxClosed": "bot_toolkit.outbox",
     "StoreError": "bot_toolkit.store",
@@ -86,6 +94,14 @@ if TYPE_CHECKING:
     )
     from bot_toolkit.metrics import Metrics
     from bot_toolkit.outbox import OutboxClosed, OutboxSendFailed
+    from bot_toolkit.plugin_host import Plugin, PluginError
+    from bot_toolkit.room_messages import (
+        Command,
+        RoomMessage,
+        RoomMessageFeed,
+        SenderTrust,
+        parse_command,
+    )
     from bot_toolkit.store import StoreError
     from bot_toolkit.toolkit import BotToolkit, Settings, ToolkitError
     from bot_toolkit.undecodable import UndecodableEvent
@@ -116,6 +132,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BotToolkit",
     "CancelCode",
+    "Command",
     "DecodeError",
     "Dispatcher",
     "DispatcherClosed",
@@ -139,16 +156,21 @@ __all__ = [
     "OlmEncrypted",
     "OutboxClosed",
     "OutboxSendFailed",
+    "Plugin",
+    "PluginError",
     "RequestedKeyInfo",
     "RoomEncrypted",
     "RoomKey",
     "RoomKeyRequest",
     "RoomKeyRequestCancellation",
     "RoomKeyWithheld",
+    "RoomMessage",
+    "RoomMessageFeed",
     "SasPrompt",
     "SasReady",
     "SecretRequest",
     "SecretSend",
+    "SenderTrust",
     "Settings",
     "ShareWith",
     "SharingPolicy",
@@ -167,4 +189,5 @@ __all__ = [
     "__version__",
     "decode",
     "encode_content",
+    "parse_command",
 ]

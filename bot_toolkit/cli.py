@@ -7,7 +7,9 @@ The config file is ``-c FILE``, else ``$BOT_TOOLKIT_CONFIG``; with neither (or a
 Exit codes: 0 clean stop (also after SIGTERM / SIGINT), 2 bad configuration or usage,
 1 fatal runtime error. Every failure ends with one line on stderr that names the problem.
 
-``run`` calls ``bot_toolkit.bot.run_bot(config)``, which may return an int, None, or an awaitable
+``run`` (and ``check-config``) first loads the ``[plugins]`` (a broken plugin exits 2 before
+anything connects), then calls ``bot_toolkit.bot.run_bot(config)`` (with ``plugins=`` the loaded
+plugins when there are any), which may return an int, None, or an awaitable
 of either. An awaitable runs in a fresh event loop; SIGTERM and SIGINT cancel it (exit 0) unless
 it installs its own handlers with ``loop.add_signal_handler``. ``demo`` calls
 ``bot_toolkit.demo.main()`` the same way.
@@ -190,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
             _err("fatal: run is not available: this build has no bot_toolkit.bot module")
             return EXIT_FATAL
         log.info("bot-toolkit %s starting as %s", __version__, config.matrix.user_id)
-        return _call(functools.partial(bot.run_bot, plugins=plugins), config)
+        entry = functools.partial(bot.run_bot, plugins=plugins) if plugins else bot.run_bot
+        return _call(entry, config)
 
     return _guarded("run", start)
 

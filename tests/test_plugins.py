@@ -424,3 +424,19 @@ def test_check_config_reports_plugin_errors_in_one_line(tmp_path: Path, plugin_d
     res = _cli(tmp_path, plugin_dir, '[plugins]\nmodules = ["bot_toolkit.plugins.ping"]\n')
     assert res.returncode == 0, res.stderr
     assert "config OK: " in res.stdout and "(plugins: ping)" in res.stdout
+
+
+# ---- the README's plugin is examples/plugins/hello.py, and it loads
+
+
+def test_readme_plugin_is_the_example_file_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = ROOT / "examples" / "plugins" / "hello.py"
+    readme = (ROOT / "README.md").read_text()
+    assert f"```python\n{example.read_text()}```" in readme
+    monkeypatch.syspath_prepend(str(example.parent))
+    cfg = _config(tmp_path, '[plugins]\nmodules = ["hello"]\n[plugins.hello]\ngreeting = "hi"\n')
+    (plugin,) = load_plugins(cfg)
+    assert plugin.config.greeting == "hi"
+    assert len(plugin._start) == len(plugin._stop) == 1

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bot_toolkit.plugin_host import Plugin
-from bot_toolkit.room_messages import Command, RoomMessage
-from bot_toolkit.verification import VerificationDone
+from bot_toolkit import Command, Plugin, RoomMessage, VerificationDone
 
 __all__ = ["Config", "setup"]
 
