@@ -66,7 +66,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from nio import AsyncClient, KeysClaimResponse
+from nio import (
+    AsyncClient,
+    ErrorResponse,
+    KeysClaimResponse,
+    LocalProtocolError,
+    ShareGroupSessionResponse,
+    ToDeviceError,
+    ToDeviceMessage,
+    ToDeviceResponse,
+)
 
 from bot_toolkit._patching import InstancePatch
 from bot_toolkit.dispatcher import Dispatcher
@@ -74,6 +83,8 @@ from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
 from bot_toolkit.key_queries import KeyQueries
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.nio_plugin import our_identity
+from bot_toolkit.outbox import OutboxSendFailed
+from bot_toolkit.room_key_log import RoomKeyLog, SharedKey
 from bot_toolkit.store import Store
 from bot_toolkit.withheld import (
     ClaimBackoff,
@@ -91,7 +102,7 @@ from bot_toolkit.withheld import (
     withheld_content,
 )
 
-__all__ = ["KeySharing", "NoticeOutbox", "attach"]
+__all__ = ["KeySharing", "NoticeOutbox", "RoomKeysNotQueued", "attach"]
 
 log = logging.getLogger("bot_toolkit.key_sharing")
 
@@ -101,6 +112,12 @@ _REQUESTS_REMEMBERED: Final = 10_000
 _NO_OLM_ANSWERS: Final = 64
 """``m.no_olm`` answers (device-list query, claim, ``m.dummy``) running at once; more are
 dropped and counted (``withheld_dummy_total{result="busy"}``)."""
+
+
+class RoomKeysNotQueued(RuntimeError):
+    """The Megolm room keys of a message could not be stored in the outbox (the store failed or
+    the outbox is closed). ``room_send`` raises it and sends nothing: a message whose keys are
+    not on their way would be undecryptable. The cause is the ``__cause__``."""
 
 
 class NoticeOutbox(Protocol):
@@ -168,10 +185,12 @@ async def attach(
     counters = WithheldMetrics(registry)
     ledger = await NoOlmLedger.open(store, counters, clock=wall_clock)
     throttle = await DummyThrottle.open(store, clock=wall_clock)
+    room_keys = await RoomKeyLog.open(store)
     sharing = KeySharing(
         client,
         ledger=ledger,
         throttle=throttle,
+        room_keys=room_keys,
         outbox=outbox,
         dispatcher=dispatcher,
         policy=policy or SharingPolicy(),
@@ -192,6 +211,7 @@ class KeySharing:
         *,
         ledger: NoOlmLedger,
         throttle: DummyThrottle,
+        room_keys: RoomKeyLog,
         outbox: NoticeOutbox,
         dispatcher: Dispatcher,
         policy: SharingPolicy,
@@ -205,6 +225,7 @@ class KeySharing:
         self.backoff = ClaimBackoff(clock)
         self.deduper = WithheldDeduper(counters)
         self._throttle = throttle
+        self.room_keys = room_keys
         self._outbox = outbox
         self._counters = counters
         self._m_dummy = metrics.counter(
@@ -242,13 +263,43 @@ class KeySharing:
         self._answered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
+        # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
+        self._key_requests: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._nio_queued: set[int] = set()  # ids of nio's to-device messages being handed over
+        self._reoffered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._m_room_keys = metrics.counter(
+            "room_keys_queued_total",
+            "Megolm room keys stored in the outbox for a device",
+            [],
+        )
+        self._m_room_key_failures = metrics.counter(
+            "room_key_failures_total",
+            "Room keys not delivered (what: store, refused_reoffered, refused_withheld)",
+            ["what"],
+        )
+        self._m_forwarded = metrics.counter(
+            "room_key_requests_served_total",
+            "Key requests answered with the key (Olm, through the outbox)",
+            ["result"],  # sent, no_olm_session
+        )
+        self._m_soft_logout = metrics.counter(
+            "nio_soft_logout_ignored_total",
+            "nio error responses whose soft_logout flag was not a real M_UNKNOWN_TOKEN",
+            [],
+        )
 
         make = self._wrap_share
         self._patches.append(InstancePatch(client, "share_group_session", make))
         self._patches.append(InstancePatch(client, "keys_claim", self._wrap_keys_claim))
+        self._patches.append(InstancePatch(client, "to_device", self._wrap_to_device))
+        self._patches.append(
+            InstancePatch(client, "send_to_device_messages", self._wrap_send_to_device_messages)
+        )
+        self._patches.append(InstancePatch(client, "receive_response", self._wrap_receive_response))
         self._hook_olm()
         dispatcher.register(RoomKeyRequest, self._on_key_request)
         dispatcher.register(RoomKeyWithheld, self._on_withheld, _is_no_olm)
+        dispatcher.register(OutboxSendFailed, self._on_send_failed, _is_room_key_failure)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -543,7 +594,7 @@ class KeySharing:
             current = _Round(room_id)
             token = _ROUND.set(current)
             try:
-                return await original(room_id, ignore_unverified_devices=ignore_unverified_devices)
+                return await self._share_via_outbox(room_id, ignore_unverified_devices)
             finally:
                 _ROUND.reset(token)
                 try:
@@ -576,6 +627,248 @@ class KeySharing:
             return response
 
         return keys_claim
+
+    # ----------------------------------------------------------------- room keys via the outbox
+
+    async def _share_via_outbox(
+        self, room_id: str, ignore_unverified_devices: bool
+    ) -> ShareGroupSessionResponse:
+        """nio's ``share_group_session``, with the room keys going through the outbox.
+
+        nio 0.26 sends the keys itself with ``_send``, ignores failed answers and marks the
+        session as shared anyway. Here every device's Olm-encrypted key is recorded in the
+        room-key log and stored in the outbox (one ``send()``: the outbox packs the messages
+        into requests of its ``batch_size``, retries them with the same transaction ids and
+        resends them after a crash); only then do the devices count as shared with, and only
+        then is the session marked shared, so ``room_send`` encrypts nothing with a session
+        whose keys are not durably on their way.
+
+        Raises:
+            LocalProtocolError: as nio's (no such room, not encrypted, already sharing).
+            RoomKeysNotQueued: the keys could not be stored; nothing counts as shared, and
+                ``room_send`` raises instead of sending a message nobody could decrypt.
+        """
+        client = self.client
+        olm = client.olm
+        if olm is None:
+            raise LocalProtocolError("the client has no Olm machine (store not loaded)")
+        room = client.rooms.get(room_id)
+        if room is None:
+            raise LocalProtocolError(f"No such room with id {room_id}")
+        if not room.encrypted:
+            raise LocalProtocolError(f"Room with id {room_id} is not encrypted")
+        if room_id in client.sharing_session:
+            raise LocalProtocolError(f"Already sharing a group session for {room_id}")
+        client.sharing_session[room_id] = asyncio.Event()
+        shared: set[tuple[str, str]] = set()
+        try:
+            missing = client.get_missing_sessions(room_id)
+            if missing:
+                await client.keys_claim(missing)
+            messages: dict[str, dict[str, Any]] = {}
+            for sharing_with, to_device in olm.share_group_session_parallel(
+                room_id, list(room.users), ignore_unverified_devices=ignore_unverified_devices
+            ):
+                shared |= sharing_with
+                for user_id, devices in to_device["messages"].items():
+                    messages.setdefault(user_id, {}).update(devices)
+            session = olm.outbound_group_sessions[room_id]
+            if shared:
+                await self._queue_room_keys(olm, room_id, session, shared, messages)
+            session.users_shared_with.update(shared)
+            session.shared = True
+        finally:
+            client.sharing_session.pop(room_id).set()
+        return ShareGroupSessionResponse(room_id, shared)
+
+    async def _queue_room_keys(
+        self,
+        olm: Any,
+        room_id: str,
+        session: Any,
+        shared: set[tuple[str, str]],
+        messages: dict[str, dict[str, Any]],
+    ) -> None:
+        """Record who gets the key of ``session``, then store the key messages in the outbox."""
+        index = int(session.message_index)
+        records = []
+        for user_id, device_id in shared:
+            device = olm.device_store[user_id].get(device_id)
+            curve = "" if device is None else str(device.curve25519)
+            records.append(SharedKey(room_id, session.id, user_id, device_id, curve, index))
+        try:
+            await self.room_keys.record(records)
+            txn_ids = await self._outbox.send(_ENCRYPTED_EVENT, messages)
+        except Exception as exc:
+            self._m_room_key_failures.inc("store")
+            log.error(
+                "could not store the room key of %s for %d devices: %s; the message is not sent",
+                room_id,
+                len(shared),
+                type(exc).__name__,
+            )
+            raise RoomKeysNotQueued(f"room keys for {room_id} not stored: {exc}") from exc
+        for txn_id in txn_ids:
+            self._key_requests[txn_id] = (room_id, session.id)
+        while len(self._key_requests) > _REQUESTS_REMEMBERED:
+            self._key_requests.popitem(last=False)
+        self._m_room_keys.inc(amount=len(shared))
+        log.info(
+            "room key of %s (session %s, index %d) stored for %d devices in %d requests",
+            room_id,
+            session.id,
+            index,
+            len(shared),
+            len(txn_ids),
+        )
+
+    async def _on_send_failed(self, event: OutboxSendFailed) -> None:
+        """The homeserver refused a request carrying room keys: re-offer or tell why.
+
+        While the session is still the room's current one, each refused device is taken out of
+        its ``users_shared_with`` and the next ``room_send`` offers it the same session again
+        (once). Otherwise, or when the re-offer is refused too, the device gets
+        ``m.room_key.withheld`` with ``m.unavailable`` for that session.
+        """
+        entry = self._key_requests.pop(event.txn_id, None)
+        olm = self.client.olm
+        if entry is None or olm is None or not self._attached:
+            return
+        room_id, session_id = entry
+        session = olm.outbound_group_sessions.get(room_id)
+        current = session is not None and session.id == session_id and not session.expired
+        withheld: list[SharedKey] = []
+        reoffer: set[PeerDevice] = set()
+        for user_id, device_id in event.recipients:
+            record = await self.room_keys.lookup(session_id, user_id, device_id)
+            if record is None:
+                continue  # another message packed into the same request
+            key = (session_id, user_id, device_id)
+            if current and key not in self._reoffered:
+                self._reoffered[key] = None
+                session.users_shared_with.discard((user_id, device_id))
+                reoffer.add(PeerDevice(user_id, device_id, record.curve25519))
+            else:
+                withheld.append(record)
+        while len(self._reoffered) > _REQUESTS_REMEMBERED:
+            self._reoffered.popitem(last=False)
+        if reoffer:
+            old = self._unreached.get(room_id)
+            known = old[1] if old is not None and old[0] == session_id else set()
+            self._unreached[room_id] = (session_id, known | reoffer)
+            self._m_room_key_failures.inc("refused_reoffered", amount=len(reoffer))
+            log.warning(
+                "room key of %s refused for %d devices (%d %s); offering it again with the next "
+                "message",
+                room_id,
+                len(reoffer),
+                event.status,
+                event.errcode,
+            )
+        if withheld:
+            await self._withhold_unavailable(withheld)
+
+    async def _withhold_unavailable(self, records: list[SharedKey]) -> None:
+        _, device_id, curve = self._own()
+        messages: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in records:
+            messages.setdefault(r.user_id, {})[r.device_id] = withheld_content(
+                WithheldError(WithheldCode.UNAVAILABLE),
+                sender_key=curve,
+                from_device=device_id,
+                room_id=r.room_id,
+                session_id=r.session_id,
+            )
+        try:
+            await self._outbox.send(WITHHELD_EVENT, messages)
+        except Exception:
+            self._error("withhold_unavailable")
+            return
+        self._counters.sent.inc(WithheldCode.UNAVAILABLE, amount=len(records))
+        self._m_room_key_failures.inc("refused_withheld", amount=len(records))
+        log.warning("room key refused for %d devices; told them m.unavailable", len(records))
+
+    # ----------------------------------------------------------------- nio's own to-device queue
+
+    def _wrap_to_device(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def to_device(message: ToDeviceMessage, tx_id: str | None = None) -> Any:
+            if not self._attached:
+                return await original(message, tx_id)
+            return await self._queue_nio_message(message, tx_id)
+
+        return to_device
+
+    def _wrap_send_to_device_messages(
+        self, original: Callable[[], Awaitable[Any]]
+    ) -> Callable[[], Awaitable[Any]]:
+        async def send_to_device_messages() -> Any:
+            if not self._attached:
+                return await original()
+            # Two callers (sync_forever and the bot's loop) may run this at once: a message
+            # being handed over is not handed over twice.
+            pending = [
+                m for m in self.client.outgoing_to_device_messages if id(m) not in self._nio_queued
+            ]
+            self._nio_queued.update(id(m) for m in pending)
+            try:
+                return list(
+                    await asyncio.gather(*(self._queue_nio_message(m, None) for m in pending))
+                )
+            finally:
+                self._nio_queued.difference_update(id(m) for m in pending)
+
+        return send_to_device_messages
+
+    async def _queue_nio_message(self, message: ToDeviceMessage, tx_id: str | None) -> Any:
+        """Store one of nio's to-device messages (forwarded keys, key requests and their
+        cancellations, ``m.dummy``, ...) in the outbox; nio treats it as sent once stored."""
+        messages = message.as_dict()["messages"]
+        try:
+            await self._outbox.send(
+                message.type, messages, txn_id=None if tx_id is None else str(tx_id)
+            )
+        except Exception as exc:
+            log.warning(
+                "could not store nio's %s to-device message: %s", message.type, type(exc).__name__
+            )
+            error = ToDeviceError(f"not stored in the outbox: {type(exc).__name__}")
+            error.to_device_message = message
+            return error
+        response = ToDeviceResponse(message)
+        await self.client.receive_response(response)  # nio: remove from its queue, follow-ups
+        return response
+
+    def _wrap_receive_response(
+        self, original: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        async def receive_response(response: Any) -> None:
+            if self._attached and isinstance(response, ErrorResponse):
+                self._contain_soft_logout(response)
+            await original(response)
+
+        return receive_response
+
+    def _contain_soft_logout(self, response: ErrorResponse) -> None:
+        """Keep nio from clearing the access token on anything but a real soft logout.
+
+        nio 0.26 sets ``client.access_token = ""`` for any error response whose
+        ``soft_logout`` is truthy. ``ShareGroupSessionError.from_dict`` (nio 0.26.0,
+        ``nio/responses.py``) passes ``room_id`` and the device set positionally into
+        ``retry_after_ms`` and ``soft_logout``, so any JSON error answer to a room-key request
+        logs the bot out. Only ``soft_logout: true`` with ``M_UNKNOWN_TOKEN`` is what the spec
+        calls a soft logout.
+        """
+        flag = response.soft_logout
+        if flag is False or (flag is True and response.status_code == "M_UNKNOWN_TOKEN"):
+            return
+        response.soft_logout = False
+        self._m_soft_logout.inc()
+        log.warning(
+            "nio read soft_logout (a %s) from a %s with errcode %s; the access token is kept",
+            type(flag).__name__,
+            type(response).__name__,
+            response.status_code,
+        )
 
     def _account_claim(self, olm: Any, claimed: list[Any], response: Any) -> None:
         if not isinstance(response, KeysClaimResponse):
@@ -834,6 +1127,10 @@ class KeySharing:
 
 def _is_no_olm(event: RoomKeyWithheld) -> bool:
     return event.code == WithheldCode.NO_OLM
+
+
+def _is_room_key_failure(event: OutboxSendFailed) -> bool:
+    return event.event_type == _ENCRYPTED_EVENT
 
 
 def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:

@@ -46,8 +46,10 @@ class BotProcess:
         *,
         policy: SharingPolicy | None = None,
         clock: FakeClock | None = None,
+        homeserver: str | None = None,
     ) -> None:
         self.synapse = synapse
+        self.homeserver = homeserver or synapse.url  # e.g. a FaultProxy in front of Synapse
         self.user = user
         self.data_dir = data_dir
         self.policy = policy or SharingPolicy(share_with="all")  # type: ignore[arg-type]
@@ -59,7 +61,7 @@ class BotProcess:
         nio_dir.mkdir(parents=True, exist_ok=True)
         config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
         self.client = AsyncClient(
-            self.synapse.url,
+            self.homeserver,
             self.user.user_id,
             device_id=self.user.device_id,
             store_path=str(nio_dir),

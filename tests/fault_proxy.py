@@ -16,6 +16,9 @@ Faults:
   (the nasty case: the server did process it, the client cannot know).
 * ``delay``: wait ``seconds``, then forward and relay (a slow homeserver).
 * ``hold_response``: forward, then hold Synapse's answer for ``seconds`` before relaying it.
+* ``reply``: answer ``status`` without forwarding, with a body of kind ``body``: ``json`` (a
+  Matrix error, ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` for 429), ``html`` (what a reverse
+  proxy such as nginx sends) or ``empty``.
 
 Holds end early when :meth:`FaultProxy.release` is called or the proxy stops.
 """
@@ -55,6 +58,8 @@ class Fault:
     kind: str
     seconds: float = 0.0
     retry_after_ms: int = 0
+    status: int = 0
+    body: str = "json"
 
     @staticmethod
     def passthrough() -> Fault:
@@ -91,6 +96,12 @@ class Fault:
     @staticmethod
     def hold_response(seconds: float) -> Fault:
         return Fault("hold_response", seconds=seconds)
+
+    @staticmethod
+    def reply(status: int, body: str = "json", retry_after_ms: int = 500) -> Fault:
+        if body not in ("json", "html", "empty"):
+            raise ValueError(f"body must be json, html or empty, not {body!r}")
+        return Fault("reply", status=status, body=body, retry_after_ms=retry_after_ms)
 
 
 @dataclass(slots=True)
@@ -226,6 +237,8 @@ class FaultProxy:
             return web.json_response(
                 {"errcode": "M_UNKNOWN", "error": "Internal error (injected)"}, status=500
             )
+        if kind == "reply":
+            return _reply(fault)
         if kind == "drop_before":
             return self._drop(request)
         if kind == "stall":
@@ -245,3 +258,23 @@ class FaultProxy:
         if kind == "hold_response":
             await self._hold(fault.seconds)
         return web.Response(status=status, body=data, content_type=ctype)
+
+
+def _reply(fault: Fault) -> web.Response:
+    """The canned answer of a ``reply`` fault."""
+    if fault.body == "empty":
+        return web.Response(status=fault.status)
+    if fault.body == "html":
+        html = (
+            f"<html><head><title>{fault.status}</title></head><body><center><h1>"
+            f"{fault.status}</h1></center><hr><center>nginx</center></body></html>"
+        )
+        return web.Response(status=fault.status, text=html, content_type="text/html")
+    error: dict[str, object] = {"errcode": "M_UNKNOWN", "error": "injected"}
+    if fault.status == 429:
+        error = {
+            "errcode": "M_LIMIT_EXCEEDED",
+            "error": "Too Many Requests (injected)",
+            "retry_after_ms": fault.retry_after_ms,
+        }
+    return web.json_response(error, status=fault.status)
