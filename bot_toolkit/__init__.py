@@ -82,7 +82,11 @@ _LAZY: dict[str, str] = {
     "parse_command": "bot_toolkit.room_messages",
     # errors
     "OutboxClosed": "bot_toolkit.outbox",
+    "OutboxFull": "bot_toolkit.outbox",
     "StoreError": "bot_toolkit.store",
+    # the install's store secret (nio's pickle key, other key stores)
+    "STORE_PASSPHRASE_ENV": "bot_toolkit.store_secret",
+    "store_secret": "bot_toolkit.store_secret",
 }
 
 if TYPE_CHECKING:
@@ -93,7 +97,7 @@ if TYPE_CHECKING:
         HandlerTimeout,
     )
     from bot_toolkit.metrics import Metrics
-    from bot_toolkit.outbox import OutboxClosed, OutboxSendFailed
+    from bot_toolkit.outbox import OutboxClosed, OutboxFull, OutboxSendFailed
     from bot_toolkit.plugin_host import Plugin, PluginError
     from bot_toolkit.room_messages import (
         Command,
@@ -103,6 +107,7 @@ if TYPE_CHECKING:
         parse_command,
     )
     from bot_toolkit.store import StoreError
+    from bot_toolkit.store_secret import STORE_PASSPHRASE_ENV, store_secret
     from bot_toolkit.toolkit import BotToolkit, Settings, ToolkitError
     from bot_toolkit.undecodable import UndecodableEvent
     from bot_toolkit.verification.lifecycle import (
@@ -130,6 +135,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "STORE_PASSPHRASE_ENV",
     "BotToolkit",
     "CancelCode",
     "Command",
@@ -155,6 +161,7 @@ __all__ = [
     "OlmCiphertext",
     "OlmEncrypted",
     "OutboxClosed",
+    "OutboxFull",
     "OutboxSendFailed",
     "Plugin",
     "PluginError",
@@ -190,4 +197,5 @@ __all__ = [
     "decode",
     "encode_content",
     "parse_command",
+    "store_secret",
 ]

@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import secrets
 import signal
@@ -67,6 +66,7 @@ from nio import (
     SyncResponse,
 )
 
+from bot_toolkit._nio_store import WrongStoreSecret, adopt_pickle_key
 from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
 from bot_toolkit.identity import identity_for
@@ -75,6 +75,12 @@ from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
 from bot_toolkit.store import StoreError
+from bot_toolkit.store_secret import (
+    STORE_KEY_FILE,
+    STORE_PASSPHRASE_ENV,
+    store_secret,
+    write_private,
+)
 from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
     SasPrompt,
@@ -160,25 +166,13 @@ class Session:
         )
 
     def save(self, path: Path) -> None:
-        """Write atomically, owner-only (0600)."""
+        """Write atomically, owner-only (0600), the file and its directory fsynced."""
         data = {"user_id": self.user_id, "device_id": self.device_id}
         if self.access_token:
             data["access_token"] = self.access_token
         if self.homeserver:
             data["homeserver"] = self.homeserver
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.chmod(path, 0o600)
+        write_private(path, json.dumps(data, indent=1).encode())
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -445,6 +439,7 @@ class Bot:
             store_sync_tokens=True,
             max_timeouts=0,  # a connection error reaches our own retry loop at once
             request_timeout=_HTTP_TIMEOUT,
+            pickle_key=self._store_secret(),
         )
         return AsyncClient(
             m.homeserver,
@@ -516,7 +511,23 @@ class Bot:
         device_id = m.device_id or (saved.device_id if saved else None)
         await self._password_login(device_id)
 
+    def _store_secret(self) -> str:
+        try:
+            secret = store_secret(self.data_dir)
+        except (OSError, ValueError) as e:
+            raise BotError(f"storage.data_dir: cannot read the store key: {_describe(e)}") from None
+        active_redactor().add(secret)
+        return secret
+
     def _restore(self, user_id: str, device_id: str, token: str) -> None:
+        try:
+            found = adopt_pickle_key(
+                self.data_dir / NIO_DIR, user_id, device_id, self._store_secret()
+            )
+        except WrongStoreSecret as e:
+            raise BotError(f"{STORE_PASSPHRASE_ENV} / {STORE_KEY_FILE}: {e}") from None
+        if found == "migrated":
+            log.info("moved nio's store from nio's public default pickle key to the install's own")
         client = self._new_client(device_id)
         client.restore_login(user_id, device_id, token)  # loads nio's store for this device
         self._adopt(client)

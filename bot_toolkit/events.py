@@ -24,6 +24,7 @@ from typing import Annotated, Any, ClassVar
 
 import msgspec
 
+from bot_toolkit._json_depth import MAX_JSON_DEPTH, exceeds_depth
 from bot_toolkit.codes import CancelCode, WithheldCode
 
 __all__ = [
@@ -750,7 +751,13 @@ def _decode_envelope(raw: object, decrypted_from: object) -> ToDeviceEvent:
             "decrypted_from",
             f"Expected `str | None`, got `{_json_type(decrypted_from)}`",
         )
+    _check_depth(event_type, content)
     return _decode_content(event_type, sender, content, decrypted_from)
+
+
+def _check_depth(event_type: str, content: Mapping[str, Any]) -> None:
+    if exceeds_depth(content):
+        raise DecodeError(event_type, "content", f"nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 def decode(
@@ -765,6 +772,9 @@ def decode(
     ``m.room.encrypted`` event. Unknown types give :class:`UnknownToDeviceEvent`. Neither ``raw``
     nor its content is modified; an unknown event keeps a reference to the content dict.
 
+    Content nested more than :data:`~bot_toolkit._json_depth.MAX_JSON_DEPTH` levels is refused
+    (``DecodeError`` at ``content``) before anything copies or recurses into it.
+
     Raises :class:`DecodeError`, and only that, whatever ``raw`` is.
     """
     try:
@@ -778,6 +788,7 @@ def decode(
                 and type(content) is dict
                 and (decrypted_from is None or type(decrypted_from) is str)
             ):
+                _check_depth(event_type, content)
                 return _decode_content(event_type, sender, content, decrypted_from)
         return _decode_envelope(raw, decrypted_from)
     except DecodeError:

@@ -85,6 +85,7 @@ from nio import AsyncClient, KeysQueryError
 from nio.exceptions import VerificationError
 
 from bot_toolkit import events as _events
+from bot_toolkit._json_depth import exceeds_depth
 from bot_toolkit._nio_identity import (
     DeviceKeys,
     EncryptionNotReady,
@@ -501,10 +502,12 @@ class NioPlugin:
             event = None
             try:
                 # Decoded before nio runs: nio mutates some payloads (forwarded key chains).
+                content = payload.get("content")
                 raw = {
                     "type": payload.get("type"),
                     "sender": sender,
-                    "content": copy.deepcopy(payload.get("content")),
+                    # Too deep to copy: decode() refuses it before anything recurses into it.
+                    "content": content if exceeds_depth(content) else copy.deepcopy(content),
                 }
                 event = self._decode(raw, sender_key)
             except Exception:

@@ -16,6 +16,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
+from bot_toolkit._json_depth import exceeds_depth
 from bot_toolkit.events import DecodeError, ToDeviceEvent
 
 __all__ = ["TRANSACTION_TYPE_PREFIX", "UndecodableEvent", "undecodable_from"]
@@ -62,10 +63,8 @@ def undecodable_from(
     txn = content.get("transaction_id") if isinstance(content, Mapping) else None
     if not (isinstance(txn, str) and name.startswith(TRANSACTION_TYPE_PREFIX)):
         txn = None
-    try:
-        raw_content = copy.deepcopy(content)
-    except RecursionError:  # nested deeper than a copy can go: keep the error, not the content
-        raw_content = None
+    # Nested deeper than events may be: keep the error, not the content (a copy would recurse).
+    raw_content = None if exceeds_depth(content) else copy.deepcopy(content)
     return UndecodableEvent(
         sender=sender,
         decrypted_from=decrypted_from,

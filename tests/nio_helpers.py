@@ -103,8 +103,10 @@ def stored_trust(
     store_path: str | Path,
     *,
     devices: list[tuple[str, str]],
+    pickle_key: str = "DEFAULT_KEY",
 ) -> list[bool]:
-    """Whether each of ``devices`` is verified in the nio crypto store at ``store_path``.
+    """Whether each of ``devices`` is verified in the nio crypto store at ``store_path``
+    (pickled with ``pickle_key``: the standalone bot uses its install's own).
 
     A fresh client reads the store from disk (``restore_login`` loads it; no request is made),
     as the bot does after a restart.
@@ -114,7 +116,9 @@ def stored_trust(
         user_id,
         device_id=device_id,
         store_path=str(store_path),
-        config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
+        config=AsyncClientConfig(
+            encryption_enabled=True, store_sync_tokens=True, pickle_key=pickle_key
+        ),
     )
     client.restore_login(user_id, device_id, access_token)
     return [bool(client.device_store[u][d].verified) for u, d in devices]

@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import pytest
 
+from bot_toolkit.store_secret import store_secret
 from tests.bot_helpers import BotRun, TcpForwarder, metric, new_admin_token, write_config
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.nio_helpers import stored_trust
@@ -55,6 +56,8 @@ async def peers(synapse: LocalSynapse) -> AsyncIterator[list[JsPeer]]:
 def _session(data_dir: Path) -> dict[str, Any]:
     path = data_dir / "session.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # nio's pickle key is the install's own (not nio's public default), owner-only too.
+    assert stat.S_IMODE((data_dir / "store.key").stat().st_mode) == 0o600
     data: dict[str, Any] = json.loads(path.read_text())
     return data
 
@@ -255,6 +258,7 @@ async def test_run_verify_stop_restart(
                 (str(operator_peer.user_id), str(operator_peer.device_id)),
                 (str(auto_peer.user_id), str(auto_peer.device_id)),
             ],
+            pickle_key=store_secret(data_dir, {}),
         )
         assert verified == [True, True]
 

@@ -45,6 +45,7 @@ from bot_toolkit import (
     decode,
     encode_content,
 )
+from bot_toolkit._json_depth import MAX_JSON_DEPTH, exceeds_depth
 from bot_toolkit.events import KNOWN_EVENT_TYPES, event_type_label
 
 SENDER = "@alice:example.org"
@@ -1003,3 +1004,24 @@ def test_event_type_label_keeps_known_types_only() -> None:
     assert event_type_label("org.example.whatever") == "other"
     assert event_type_label(None) == "other"
     assert "m.room.encrypted" in KNOWN_EVENT_TYPES
+
+
+def test_depth_bound_is_checked_without_recursion() -> None:
+    def nested(levels: int) -> object:
+        value: object = "leaf"
+        for i in range(levels):
+            value = {"a": value} if i % 2 else [value]
+        return value
+
+    assert not exceeds_depth("x") and not exceeds_depth({}) and not exceeds_depth([])
+    assert not exceeds_depth(nested(MAX_JSON_DEPTH))
+    assert exceeds_depth(nested(MAX_JSON_DEPTH + 1))
+    assert exceeds_depth(nested(100_000))  # far past the interpreter's recursion limit
+    ok = {"type": "org.example.x", "sender": "@a:b", "content": {"k": nested(MAX_JSON_DEPTH - 1)}}
+    assert decode(ok).sender == "@a:b"
+    deep = {**ok, "content": {"k": nested(MAX_JSON_DEPTH)}}
+    with pytest.raises(DecodeError) as info:
+        decode(deep)
+    assert (info.value.path, info.value.event_type) == ("content", "org.example.x")
+    with pytest.raises(DecodeError):
+        decode(json.dumps({**ok, "content": {"k": nested(900)}}))

@@ -359,6 +359,53 @@ async def test_undecodable_events_are_dispatched_in_place(pair: Pair) -> None:
     plugin.dispatch_undecodable = False
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_deeply_nested_start_is_a_typed_error_not_a_recursion_error(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start nested 900 levels deep (plaintext and inside Olm): an UndecodableEvent naming the
+    depth, no RecursionError anywhere (nothing copies it), and the events around it go on."""
+    rec = Recorder(OrderedDispatcher(handler_timeout=5))
+    await rec.dispatcher.start()
+    plugin = attach(pair.bob, rec.dispatcher, dispatch_undecodable=True)
+    copied: list[object] = []
+    plugin.add_decoded_listener(lambda event, raw: copied.append(event))
+    deep = dict(SAS_START, transaction_id="deep", extra=_nested(900))
+    ok = dict(SAS_START, transaction_id="ok", extra=_nested(60))
+    with caplog.at_level(logging.DEBUG):
+        await feed(
+            pair.bob,
+            [
+                {"type": "m.key.verification.start", "sender": ALICE, "content": deep},
+                pair.olm("m.key.verification.start", dict(deep)),
+                {"type": "m.key.verification.start", "sender": ALICE, "content": ok},
+                request("after"),
+            ],
+        )
+    seen = await rec.drain()
+    assert [type(e) for e in seen] == [
+        UndecodableEvent,
+        UndecodableEvent,
+        KeyVerificationStartSas,
+        KeyVerificationRequest,
+    ]
+    for event in seen[:2]:
+        assert isinstance(event, UndecodableEvent)
+        assert (event.transaction_id, event.path) == ("deep", "content")
+        assert "nested more than 64 levels" in event.reason
+        assert event.raw_content is None
+    assert seen[1].decrypted_from == curve(pair.alice)
+    assert rec.count("nio_plugin_errors_total", "decode_payload") == 0
+    assert "RecursionError" not in caplog.text
+    plugin.dispatch_undecodable = False
+
+
 async def test_event_nio_cannot_parse_is_recovered_from_the_body(pair: Pair, rec: Recorder) -> None:
     attach(pair.bob, rec.dispatcher)
     empty = {"type": "org.example.ping", "sender": ALICE, "content": {}}
