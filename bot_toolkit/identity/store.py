@@ -13,7 +13,6 @@ file, fsync, rename). Nothing here logs key material.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from bot_toolkit.encoding import Base64Error, decode_b64, unpadded_b64
 from bot_toolkit.identity.errors import IdentityError
 from bot_toolkit.identity.keys import CrossSigningKeys
 from bot_toolkit.identity.signing import SigningKey
+from bot_toolkit.store_secret import write_private
 
 __all__ = [
     "IDENTITY_FILE",
@@ -63,22 +63,9 @@ class StoredIdentity:
 
 
 def write_secret_file(path: Path, text: str) -> None:
-    """Write ``text`` atomically to ``path`` with mode 0600 (the temporary file too)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    os.chmod(path, 0o600)
+    """Write ``text`` atomically to ``path`` with mode 0600 (the temporary file too), the file
+    and its directory fsynced (see :func:`bot_toolkit.store_secret.write_private`)."""
+    write_private(path, text.encode())
 
 
 class IdentityStore:
