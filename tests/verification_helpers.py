@@ -34,6 +34,7 @@ from bot_toolkit.verification import (
     VerificationPolicy,
     VerificationRequested,
 )
+from bot_toolkit.withheld import SharingPolicy
 from tests.fakes import FakeClock
 
 # --------------------------------------------------------------------------------- unit fakes
@@ -270,6 +271,7 @@ class Bot:
     manager: VerificationManager
     metrics: Metrics
     lifecycle: list[object]
+    toolkit: Any = None
 
     @property
     def user_id(self) -> str:
@@ -291,8 +293,10 @@ async def running_bot(
     policy: VerificationPolicy | None = None,
     user: Any = None,
     poll_ms: int = 300,
+    key_sharing: SharingPolicy | None = None,
 ) -> AsyncIterator[Bot]:
-    """A syncing bot with verification; everything is stopped on exit."""
+    """A syncing bot with verification (and key sharing when a policy is given); everything is
+    stopped on exit."""
     from tests.nio_helpers import make_client, syncing  # noqa: PLC0415
 
     client = await make_client(synapse, tmp_path, user)
@@ -301,7 +305,7 @@ async def running_bot(
         client,
         tmp_path / f"bot-{client.device_id}",
         verification=policy,
-        key_sharing=None,
+        key_sharing=key_sharing,
         settings=Settings(handler_timeout=60.0, drain_timeout=5.0, flush_deadline=5.0),
     )
     lifecycle: list[object] = []
@@ -320,6 +324,7 @@ async def running_bot(
             toolkit.verification,
             toolkit.metrics,
             lifecycle,
+            toolkit,
         )
         async with syncing(client, poll_ms=poll_ms):
             yield bot
