@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["InstancePatch"]
+__all__ = ["HookSet", "InstancePatch"]
 
 
 class InstancePatch:
@@ -36,3 +36,28 @@ class InstancePatch:
             setattr(self._obj, self._name, self._previous)
         else:
             delattr(self._obj, self._name)
+
+
+class HookSet:
+    """Instance patches installed together and undone together, last first.
+
+    The one "hook set with undo" of bot_toolkit: the nio adapter's
+    :class:`~bot_toolkit._nio_adapter.NioHooks` builds on it.
+    """
+
+    __slots__ = ("_patches",)
+
+    def __init__(self) -> None:
+        self._patches: list[InstancePatch] = []
+
+    def patch(self, obj: Any, name: str, make: Callable[[Any], Any]) -> None:
+        """Replace ``obj.name`` by ``make(current)`` until :meth:`undo`."""
+        self._patches.append(InstancePatch(obj, name, make))
+
+    def undo(self) -> None:
+        """Restore every attribute, last patched first (idempotent)."""
+        while self._patches:
+            self._patches.pop().undo()
+
+    def __len__(self) -> int:
+        return len(self._patches)

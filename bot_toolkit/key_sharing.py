@@ -48,7 +48,9 @@ outbox is called, and marks it after the outbox has stored the notice. :meth:`Ke
 transaction id (the outbox's ``send(..., txn_id=...)``), so whichever instant a crash hits, the
 homeserver de-duplicates the resend and the device gets exactly one notice.
 
-nio 0.26 hook points (instance attributes): ``client.share_group_session``,
+nio 0.26 hook points (instance attributes, installed through
+:class:`bot_toolkit._nio_adapter.NioHooks`, which raises at :func:`attach` when one is missing or
+changed; the upstream nio issue behind each is in its ``CONTRACT``): ``client.share_group_session``,
 ``client.keys_claim``, ``olm.should_share_group_session``, ``olm.get_missing_sessions``,
 ``olm.share_group_session_parallel``, ``olm.is_device_blacklisted``, ``olm.save_session``. The olm
 hooks follow ``client.olm`` when nio replaces it.
@@ -77,7 +79,12 @@ from nio import (
     ToDeviceResponse,
 )
 
-from bot_toolkit._patching import InstancePatch
+from bot_toolkit._nio_adapter import (
+    NioHooks,
+    ensure_supported,
+    inbound_group_sessions,
+    olm_encrypt,
+)
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
 from bot_toolkit.key_queries import KeyQueries
@@ -177,6 +184,7 @@ async def attach(
     """
     if not isinstance(client, AsyncClient):
         raise TypeError(f"attach() needs a nio.AsyncClient, got {type(client).__name__}")
+    ensure_supported()
     if isinstance(
         getattr(vars(client).get("share_group_session"), "_bot_toolkit_ks", None), KeySharing
     ):
@@ -251,7 +259,7 @@ class KeySharing:
         self._queries = KeyQueries.of(client, metrics)
         self._answering = 0  # m.no_olm answers running in the background
         self._attached = True
-        self._patches: list[InstancePatch] = []
+        self._hooks = NioHooks()
         self._olm: Any = None
         # room -> (Megolm session id, devices that got no key for lack of an Olm session)
         self._unreached: dict[str, tuple[str, set[PeerDevice]]] = {}
@@ -288,15 +296,18 @@ class KeySharing:
             [],
         )
 
-        make = self._wrap_share
-        self._patches.append(InstancePatch(client, "share_group_session", make))
-        self._patches.append(InstancePatch(client, "keys_claim", self._wrap_keys_claim))
-        self._patches.append(InstancePatch(client, "to_device", self._wrap_to_device))
-        self._patches.append(
-            InstancePatch(client, "send_to_device_messages", self._wrap_send_to_device_messages)
-        )
-        self._patches.append(InstancePatch(client, "receive_response", self._wrap_receive_response))
-        self._hook_olm()
+        try:
+            self._hooks.install(client, "share_group_session", self._wrap_share)
+            self._hooks.install(client, "keys_claim", self._wrap_keys_claim)
+            self._hooks.install(client, "to_device", self._wrap_to_device)
+            self._hooks.install(
+                client, "send_to_device_messages", self._wrap_send_to_device_messages
+            )
+            self._hooks.install(client, "receive_response", self._wrap_receive_response)
+            self._install_olm_hooks()
+        except BaseException:
+            self._hooks.undo()
+            raise
         dispatcher.register(RoomKeyRequest, self._on_key_request)
         dispatcher.register(RoomKeyWithheld, self._on_withheld, _is_no_olm)
         dispatcher.register(OutboxSendFailed, self._on_send_failed, _is_room_key_failure)
@@ -313,9 +324,7 @@ class KeySharing:
         if not self._attached:
             return
         self._attached = False
-        for patch in reversed(self._patches):
-            patch.undo()
-        self._patches.clear()
+        self._hooks.undo()
         self._olm = None
 
     async def close(self) -> None:
@@ -391,27 +400,24 @@ class KeySharing:
     # ----------------------------------------------------------------- olm hooks
 
     def _hook_olm(self) -> None:
+        """Follow ``client.olm`` when nio replaced its Olm machine (logged and counted when it
+        fails: this runs inside nio's ``share_group_session``)."""
+        try:
+            self._install_olm_hooks()
+        except Exception:
+            self._error("hook_olm")
+
+    def _install_olm_hooks(self) -> None:
         olm = self.client.olm
         if olm is None or olm is self._olm:
             return
         self._olm = olm
-        self._patches.append(
-            InstancePatch(
-                olm, "should_share_group_session", lambda o: self._wrap_should_share(olm, o)
-            )
-        )
-        self._patches.append(
-            InstancePatch(olm, "get_missing_sessions", lambda o: self._wrap_missing(olm, o))
-        )
-        self._patches.append(
-            InstancePatch(
-                olm, "share_group_session_parallel", lambda o: self._wrap_parallel(olm, o)
-            )
-        )
-        self._patches.append(
-            InstancePatch(olm, "is_device_blacklisted", lambda o: self._wrap_blacklisted(olm, o))
-        )
-        self._patches.append(InstancePatch(olm, "save_session", self._wrap_save_session))
+        hooks = self._hooks
+        hooks.install(olm, "should_share_group_session", lambda o: self._wrap_should_share(olm, o))
+        hooks.install(olm, "get_missing_sessions", lambda o: self._wrap_missing(olm, o))
+        hooks.install(olm, "share_group_session_parallel", lambda o: self._wrap_parallel(olm, o))
+        hooks.install(olm, "is_device_blacklisted", lambda o: self._wrap_blacklisted(olm, o))
+        hooks.install(olm, "save_session", self._wrap_save_session)
 
     def _peer(self, device: Any) -> PeerDevice:
         return PeerDevice(device.user_id, device.device_id, device.curve25519)
@@ -1108,7 +1114,7 @@ class KeySharing:
                 peer.device_id,
             )
             return False
-        envelope = olm._olm_encrypt(session, device, "m.dummy", {})
+        envelope = olm_encrypt(olm, session, device, "m.dummy", {})
         await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
         self._m_dummy.inc("sent")
         log.info("opened an Olm session with %s %s and sent m.dummy", peer.user_id, peer.device_id)
@@ -1137,23 +1143,12 @@ def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:
     body = event.body
     if body.algorithm != "m.megolm.v1.aes-sha2":
         return False
-    by_sender = _room_sessions(olm.inbound_group_store, body.room_id)
+    # nio 0.26's GroupSessionStore.get() would insert an empty entry per unknown room and
+    # sender key (memory anyone can make us spend): read without writing.
+    by_sender = inbound_group_sessions(olm.inbound_group_store, body.room_id)
     if body.sender_key:
         return body.session_id in by_sender.get(body.sender_key, {})
     return any(body.session_id in sessions for sessions in by_sender.values())
-
-
-def _room_sessions(store: Any, room_id: str) -> Mapping[str, Mapping[str, Any]]:
-    """The inbound Megolm sessions of ``room_id`` (sender key -> session id -> session), read
-    without writing.
-
-    nio 0.26's ``GroupSessionStore.get()`` and ``__getitem__`` index nested ``defaultdict``s, so
-    every look-up of an unknown room or sender key inserts an empty entry that is never removed:
-    driven by received key requests, that is memory anyone can make the bot spend. This reads
-    nio's internal ``_entries`` with ``dict.get`` instead; the only nio-internal access here.
-    """
-    entries: Mapping[str, Mapping[str, Mapping[str, Any]]] = store._entries
-    return entries.get(room_id, {})
 
 
 def _knows_user(client: Any, user_id: str) -> bool:

@@ -34,7 +34,10 @@ for an exception nio itself raises while handling one to-device event (nio 0.26 
 ``DecodeException`` for a malformed Olm body escape and end ``sync_forever``): it is logged,
 counted (``where="nio_to_device"``) and the event is treated as undecryptable.
 
-nio 0.26 hook points (all instance attributes, restored by :meth:`NioPlugin.detach`):
+nio 0.26 hook points (all instance attributes, installed through
+:class:`bot_toolkit._nio_adapter.NioHooks`, which checks each against the nio contract and
+raises at :func:`attach` when one is missing or changed; restored by :meth:`NioPlugin.detach`;
+the upstream nio issue behind each is in :data:`bot_toolkit._nio_adapter.CONTRACT`):
 
 * ``client._handle_to_device(response)``: the batch boundary (handoff with backpressure).
 * ``client._handle_decrypt_to_device(event)``: each wire to-device event, plaintext or not.
@@ -86,6 +89,7 @@ from nio.exceptions import VerificationError
 
 from bot_toolkit import events as _events
 from bot_toolkit._json_depth import exceeds_depth
+from bot_toolkit._nio_adapter import NioHooks, drop_empty_entries, ensure_supported
 from bot_toolkit._nio_identity import (
     DeviceKeys,
     EncryptionNotReady,
@@ -94,7 +98,6 @@ from bot_toolkit._nio_identity import (
     our_identity,
 )
 from bot_toolkit._olm_checks import curve25519_problem, device_keys_problem, payload_problem
-from bot_toolkit._patching import InstancePatch
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
 from bot_toolkit.metrics import Metrics
@@ -157,9 +160,12 @@ def attach(
     Raises:
         TypeError: ``client`` is not a ``nio.AsyncClient``.
         RuntimeError: a plugin is already attached to ``client``.
+        NioUnsupported: the installed matrix-nio is outside the tested range, or a method the
+            plugin hooks is missing or changed (:class:`~bot_toolkit._nio_adapter.NioHookError`).
     """
     if not isinstance(client, AsyncClient):
         raise TypeError(f"attach() needs a nio.AsyncClient, got {type(client).__name__}")
+    ensure_supported()
     if backpressure_timeout < 0:
         raise ValueError("backpressure_timeout must not be negative")
     current = getattr(vars(client).get("_handle_decrypt_to_device"), _MARK, None)
@@ -247,16 +253,20 @@ class NioPlugin:
             ["event_type"],
         )
         self._attached = True
-        self._patches: list[InstancePatch] = []
+        self._hooks = NioHooks()
         self._olm: Any = None
         self._batch: list[ToDeviceEvent] | None = None
         self._unparsed: deque[object] = deque()
         self._envelope: _Envelope | None = None
         self._logged_decode_errors: set[tuple[str, str, str]] = set()
-        self._patches.append(InstancePatch(client, "_handle_to_device", self._wrap_batch))
-        self._patches.append(InstancePatch(client, "_handle_decrypt_to_device", self._wrap_event))
-        self._patches.append(InstancePatch(client, "keys_query", self._guard_keys_query))
-        self._hook_olm()
+        try:
+            self._hooks.install(client, "_handle_to_device", self._wrap_batch)
+            self._hooks.install(client, "_handle_decrypt_to_device", self._wrap_event)
+            self._hooks.install(client, "keys_query", self._guard_keys_query)
+            self._install_olm_hooks()
+        except BaseException:
+            self._hooks.undo()
+            raise
 
     @property
     def attached(self) -> bool:
@@ -268,9 +278,7 @@ class NioPlugin:
         if not self._attached:
             return
         self._attached = False
-        for patch in reversed(self._patches):
-            patch.undo()
-        self._patches.clear()
+        self._hooks.undo()
         self._olm = None
 
     # ----------------------------------------------------------------- decode hooks
@@ -307,25 +315,25 @@ class NioPlugin:
         return keys_query
 
     def _hook_olm(self) -> None:
-        """Wrap the methods of ``client.olm``; again when nio replaced its Olm machine."""
+        """Follow ``client.olm`` when nio replaced its Olm machine (inside nio's processing:
+        a failure is logged and counted, as nothing may reach nio's sync loop)."""
         try:
-            olm = self.client.olm
-            if olm is None or olm is self._olm:
-                return
-            self._olm = olm
-            self._patches.append(
-                InstancePatch(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
-            )
-            self._patches.append(
-                InstancePatch(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
-            )
-            self._patches.append(InstancePatch(olm, "_handle_key_query", self._wrap_key_query))
-            if self.intercept_verification:
-                self._patches.append(
-                    InstancePatch(olm, "handle_key_verification", self._wrap_verification)
-                )
+            self._install_olm_hooks()
         except Exception:
             self._error("hook_olm")
+
+    def _install_olm_hooks(self) -> None:
+        """Wrap the methods of ``client.olm`` (raises :class:`NioHookError` when one is missing
+        or changed: at attach time that fails :func:`attach`)."""
+        olm = self.client.olm
+        if olm is None or olm is self._olm:
+            return
+        self._olm = olm
+        self._hooks.install(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
+        self._hooks.install(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
+        self._hooks.install(olm, "_handle_key_query", self._wrap_key_query)
+        if self.intercept_verification:
+            self._hooks.install(olm, "handle_key_verification", self._wrap_verification)
 
     def _wrap_batch(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         async def handle_to_device(response: Any) -> None:
@@ -414,20 +422,10 @@ class NioPlugin:
         if olm is None or not isinstance(raw, dict):
             return
         try:
-            sender = raw.get("sender")
-            devices: dict[Any, Any] = olm.device_store._entries
-            if isinstance(sender, str) and sender in devices and not devices[sender]:
-                del devices[sender]
-            sessions: dict[Any, Any] = olm.session_store._entries
-            key = envelope.sender_key if envelope is not None else None
-            if key is not None and key in sessions and not sessions[key]:
-                del sessions[key]
             content = raw.get("content")
-            if isinstance(content, dict):
-                waiting: dict[Any, Any] = olm.key_requests_waiting_for_session
-                pair = (sender, content.get("requesting_device_id"))
-                if pair in waiting and not waiting[pair]:
-                    del waiting[pair]
+            device = content.get("requesting_device_id") if isinstance(content, dict) else None
+            sender_key = envelope.sender_key if envelope is not None else None
+            drop_empty_entries(olm, raw.get("sender"), sender_key, device)
         except Exception:
             self._error("drop_empty_entries")
 
