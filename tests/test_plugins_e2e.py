@@ -18,14 +18,14 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from nio import AsyncClient, JoinedMembersResponse, RoomMessageNotice, RoomSendResponse
+from nio import AsyncClient
 
 from tests.bot_helpers import BotRun, metric, new_admin_token, write_config
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
-from tests.nio_helpers import close_clients, make_client, syncing, wait_until
+from tests.nio_helpers import close_clients, make_client, syncing
+from tests.plugin_helpers import Replies, room_with_bot
 from tests.synapse import LocalSynapse, RegisteredUser, free_port
 
 pytestmark = [pytest.mark.synapse, pytest.mark.timeout(300)]
@@ -91,59 +91,6 @@ async def user(synapse: LocalSynapse, tmp_path: Path) -> AsyncIterator[AsyncClie
         await close_clients(client)
 
 
-async def _room_with_bot(user: AsyncClient, bot_id: str) -> str:
-    """An encrypted room the user made and the bot joined (the bot joins allowed inviters)."""
-    encryption = {
-        "type": "m.room.encryption",
-        "state_key": "",
-        "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-    }
-    created = await user.room_create(invite=[bot_id], initial_state=[encryption])
-    room_id: str = created.room_id  # type: ignore[union-attr]
-    deadline = asyncio.get_running_loop().time() + T
-    while asyncio.get_running_loop().time() < deadline:
-        members = await user.joined_members(room_id)
-        if isinstance(members, JoinedMembersResponse) and bot_id in {
-            m.user_id for m in members.members
-        }:
-            await wait_until(
-                lambda: bot_id in user.rooms[room_id].users and user.rooms[room_id].encrypted,
-                within=T,
-                what="the user's client sees the bot in the encrypted room",
-            )
-            return room_id
-        await asyncio.sleep(0.2)
-    raise AssertionError("the bot never joined")
-
-
-class Replies:
-    """The bot's decrypted answers (m.notice) the user's client receives, by replied-to id."""
-
-    def __init__(self, client: AsyncClient, bot_id: str) -> None:
-        self.by_target: dict[str, RoomMessageNotice] = {}
-        self.bot_id = bot_id
-        client.add_event_callback(self._on_notice, RoomMessageNotice)
-
-    async def _on_notice(self, room: Any, event: RoomMessageNotice) -> None:
-        relates = event.source.get("content", {}).get("m.relates_to", {})
-        target = relates.get("m.in_reply_to", {}).get("event_id")
-        if event.sender == self.bot_id and isinstance(target, str):
-            self.by_target[target] = event
-
-    async def ask(self, client: AsyncClient, room_id: str, body: str) -> RoomMessageNotice:
-        sent = await client.room_send(
-            room_id,
-            "m.room.message",
-            {"msgtype": "m.text", "body": body},
-            ignore_unverified_devices=True,
-        )
-        assert isinstance(sent, RoomSendResponse), sent
-        await wait_until(
-            lambda: sent.event_id in self.by_target, within=T, what=f"an answer to {body!r}"
-        )
-        return self.by_target[sent.event_id]
-
-
 @pytest.fixture
 async def js_peer(synapse: LocalSynapse) -> AsyncIterator[JsPeer]:
     require_node_peer()
@@ -168,7 +115,7 @@ async def test_ping_in_encrypted_room_despite_faulty_plugin(
         await run.wait_log("plugin ping started", within=T)
         replies = Replies(user, bot.user_id)
         async with syncing(user):
-            room_id = await _room_with_bot(user, bot.user_id)
+            room_id = await room_with_bot(user, bot.user_id)
 
             answer = await replies.ask(user, room_id, "!ping")
             assert answer.body == "pong"
