@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Final, Literal
 
+from bot_toolkit.log_guard import FloodGuard, json_safe, one_line
+
 __all__ = [
     "REDACTED",
     "JsonFormatter",
@@ -151,23 +153,18 @@ def _timestamp(record: logging.LogRecord) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
-_CONTROL = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c != 0x09})
-
-
-def _one_line(text: str) -> str:
-    """Escape control characters (newlines included) so a message stays one log line.
-
-    Log messages carry peer-chosen strings (transaction ids, cancel codes, event types); raw, a
-    newline in one of them would let a peer write lines that look like the bot's own.
-    """
-    return text.translate(_CONTROL)
+def _continuation(text: str) -> str:
+    """A traceback or stack under its record: every line escaped and indented by ``"  | "``, so
+    an exception message holding a line break cannot start a line that looks like a record."""
+    return "\n".join("  | " + one_line(line) for line in text.split("\n"))
 
 
 class TextFormatter(logging.Formatter):
     """``<ts> <LEVEL> <logger>: <message> key=value ...`` with the traceback on following lines.
 
-    Control characters in the message are escaped (``\\x0a``), so one record is one line,
-    followed only by its own traceback.
+    Every line break and display control in the message is escaped (``\\x0a``, ``\\u2028``; see
+    :func:`~bot_toolkit.log_guard.one_line`), so one record is one line, followed only by its
+    own traceback, whose lines start with ``"  | "``.
     """
 
     def __init__(self, redactor: Redactor | None = None) -> None:
@@ -175,17 +172,17 @@ class TextFormatter(logging.Formatter):
         self.redactor = redactor or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
-        message = _one_line(record.getMessage())
-        line = f"{_timestamp(record)} {record.levelname:<8} {record.name}: {message}"
+        line = f"{_timestamp(record)} {record.levelname:<8} {record.name}: {record.getMessage()}"
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={v!r}" for k, v in extras.items())
+        line = one_line(line)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += "\n" + record.exc_text
+            line += "\n" + _continuation(record.exc_text)
         if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
+            line += "\n" + _continuation(self.formatStack(record.stack_info))
         return self.redactor.redact(line)
 
 
@@ -213,7 +210,7 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             obj["stack"] = record.stack_info
         text = json.dumps(obj, default=repr, ensure_ascii=False)
-        return self.redactor.redact(text)
+        return json_safe(self.redactor.redact(text))
 
 
 _HANDLER_MARK = "_bot_toolkit_handler"
@@ -233,7 +230,9 @@ def setup_logging(
     secrets: Iterable[str] = (),
     stream: IO[str] | None = None,
 ) -> Redactor:
-    """Send every log record to ``stream`` (stderr) as text or JSON lines, secrets redacted.
+    """Send every log record to ``stream`` (stderr) as text or JSON lines, secrets redacted,
+    peer strings escaped and truncated, each call site rate-limited (see
+    :mod:`bot_toolkit.log_guard`).
 
     Replaces the handler an earlier call installed (so it can be called again once the config is
     known). Returns the :class:`Redactor`; call :meth:`Redactor.add` with secrets learnt later.
@@ -241,6 +240,7 @@ def setup_logging(
     global _active  # noqa: PLW0603 - one logging setup per process
     redactor = Redactor(secrets)
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(FloodGuard())  # first: a suppressed record costs nothing more
     handler.addFilter(RedactingFilter(redactor))
     handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor))
     setattr(handler, _HANDLER_MARK, True)

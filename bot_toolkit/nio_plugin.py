@@ -378,10 +378,17 @@ class NioPlugin:
                         envelope.rejected = True
                     return None
                 return original(event)
-            except Exception:
+            except Exception as exc:
                 # nio 0.26 lets e.g. vodozemac's DecodeException for a malformed Olm body
-                # escape, which would end sync_forever: any sender could stop the bot.
-                self._error("nio_to_device")
+                # escape, which would end sync_forever: any sender could stop the bot. Any
+                # sender can also cause it at will: one line, no traceback (rate-limited).
+                self._m_errors.inc("nio_to_device")
+                logger.warning(
+                    "nio could not handle a to-device event from %s: %s: %s",
+                    raw.get("sender") if isinstance(raw, dict) else None,
+                    type(exc).__name__,
+                    str(exc),
+                )
                 return None
             finally:
                 self._envelope = outer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ from bot_toolkit.events import (
     ToDeviceEvent,
     UnknownToDeviceEvent,
 )
+from bot_toolkit.logging_setup import setup_logging
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.nio_plugin import (
     EncryptionNotReady,
@@ -517,6 +519,36 @@ async def test_undecryptable_envelope_is_dispatched_once(pair: Pair, rec: Record
     assert rec.count("nio_to_device_total", "undecrypted") == 2
     # nio 0.26 raises on the malformed body; the plugin keeps that out of the sync loop.
     assert rec.count("nio_plugin_errors_total", "nio_to_device") == 1
+
+
+async def test_a_flood_of_bogus_olm_envelopes_costs_a_bounded_log(
+    pair: Pair, rec: Recorder
+) -> None:
+    """Issue 11: each bogus Olm envelope used to log a 27-line traceback at ERROR. Now each is
+    one line without a traceback, and the call site is rate-limited: 1,000 envelopes give a
+    bounded log, and every envelope is still dispatched and counted."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    setup_logging("INFO", "text", stream=out)
+    try:
+        attach(pair.bob, rec.dispatcher)
+        garbage = pair.olm("org.example.x", {})
+        garbage["content"]["ciphertext"][curve(pair.bob)]["body"] = "bm90IGFuIG9sbSBtZXNzYWdl"
+        for _ in range(10):
+            await feed(pair.bob, [garbage] * 100)
+        seen = await rec.drain()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert len(seen) == 1000 and all(isinstance(e, OlmEncrypted) for e in seen)
+    assert rec.count("nio_plugin_errors_total", "nio_to_device") == 1000
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "Traceback" not in text
+    assert 1 <= len(lines) <= 100, len(lines)
+    assert any("nio could not handle a to-device event from @alice" in line for line in lines)
+    print(f"1000 bogus Olm envelopes -> {len(lines)} log lines, {len(text)} bytes")
 
 
 def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
