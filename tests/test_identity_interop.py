@@ -58,6 +58,7 @@ def _start_bot(
     tmp_path: Path, synapse: LocalSynapse, user: RegisteredUser, name: str, **env: str
 ) -> BotRun:
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "data"
     config = write_config(
         tmp_path / f"{name}.toml",
@@ -157,4 +158,87 @@ async def test_fresh_account_bootstraps_and_element_sees_it(
             assert secret not in logs
     finally:
         bot.kill()
+        await peer.close()
+
+
+async def test_recovery_key_works_in_the_js_sdk(synapse: LocalSynapse, tmp_path: Path) -> None:
+    """(a) The peer, logged in as the bot's user with the recovery key the bot wrote, finds the
+    cross-signing keys in secret storage: its bootstrapCrossSigning makes no new identity."""
+    require_node_peer()
+    user = await asyncio.to_thread(synapse.register)
+    data = tmp_path / "data"
+    bot = _start_bot(tmp_path, synapse, user, "run")
+    try:
+        await _identity_detail(bot, "device cross-signed")
+        recovery_key = (data / "recovery-key.txt").read_text().split("\n\n")[1].strip()
+        stored = IdentityStore(data).load(user.user_id)
+        assert stored is not None and stored.storage_key is None  # only in secret storage now
+        master = stored.keys.master.public_key
+        bot_device = _device_id(data)
+    finally:
+        assert await bot.terminate() == 0
+    second = await asyncio.to_thread(synapse.login, user.user_id, user.password)
+    peer = await started_peer(synapse, "identity-recover-js", user=second, timeout=T)
+    try:
+        await peer.download_keys(user.user_id, bot_device, timeout=T)  # our own identity
+        await peer.set_recovery_key(recovery_key)
+        status = await peer.bootstrap_cross_signing()
+        assert status["master_key"] == master
+        assert status["private_keys_cached"] == {
+            "masterKey": True,
+            "selfSigningKey": True,
+            "userSigningKey": True,
+        }
+        assert status["private_keys_in_secret_storage"] is True
+        assert status["ready"] is True
+        # the bot's device is signed by the identity the peer now holds
+        assert (await peer.device_status(user.user_id, bot_device))["signed_by_owner"] is True
+    finally:
+        await peer.close()
+
+
+async def test_bot_recovers_an_identity_made_by_the_js_sdk(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    """(b) The peer creates the identity and secret storage first (as Element does for an account
+    made by a person) and hands over its recovery key; the bot, on a fresh data directory,
+    recovers and self-signs; the peer sees the same master key and the new device signed."""
+    require_node_peer()
+    user = await asyncio.to_thread(synapse.register)
+    peer = await started_peer(synapse, "identity-create-js", user=user, timeout=T)
+    bot: BotRun | None = None
+    try:
+        status = await peer.bootstrap_cross_signing(password=user.password)
+        master = status["master_key"]
+        assert master
+        recovery_key = await peer.create_secret_storage()
+        assert (await peer.cross_signing_status())["private_keys_in_secret_storage"] is True
+
+        # without the key: the bot never overwrites the identity; it says why
+        bot = _start_bot(tmp_path, synapse, user, "no-key")
+        detail = await _identity_detail(bot, "device not cross-signed")
+        assert await bot.terminate() == 0
+        assert (await peer.user_identity(user.user_id))["master_key"] == master
+        assert "already has a cross-signing identity" in bot.log()
+
+        # with the key (a fresh data directory: a new device, the same identity)
+        bot = _start_bot(
+            tmp_path / "fresh",
+            synapse,
+            user,
+            "recover",
+            BOT_TOOLKIT_IDENTITY_RECOVERY_KEY=recovery_key,
+        )
+        detail = await _identity_detail(bot, "device cross-signed")
+        assert "keys from recovery_key" in detail and master in detail
+        device_id = _device_id(tmp_path / "fresh" / "data")
+        identity = await _peer_sees_cross_signed(peer, user.user_id, device_id)
+        assert identity["master_key"] == master
+        assert (await peer.cross_signing_status())["master_key"] == master
+        assert await bot.terminate() == 0
+        assert recovery_key not in bot.log()
+        assert recovery_key.replace(" ", "") not in bot.log()
+    finally:
+        if bot is not None:
+            bot.kill()
         await peer.close()

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from bot_toolkit._nio_identity import our_identity, sign_with_device
 from bot_toolkit.identity.api import IdentityApi, Requester
-from bot_toolkit.identity.recovery_key import decode_recovery_key
 from bot_toolkit.identity.service import EnsureResult, Identity
 from bot_toolkit.identity.store import IdentityStore
 
@@ -87,9 +86,11 @@ async def ensure_identity(
     """
     if client.should_upload_keys:
         await client.keys_upload()
-    key = decode_recovery_key(recovery_key) if recovery_key else None
     identity = identity_for(client, data_dir)
     result = await identity.ensure(
-        recovery_key=key, passphrase=passphrase, password=password, bootstrap=bootstrap
+        recovery_key=recovery_key or None,
+        passphrase=passphrase,
+        password=password,
+        bootstrap=bootstrap,
     )
     return identity, result

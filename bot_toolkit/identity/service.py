@@ -36,7 +36,7 @@ from bot_toolkit.identity.keys import (
     PublishedKeys,
     public_key_of,
 )
-from bot_toolkit.identity.recovery_key import encode_recovery_key
+from bot_toolkit.identity.recovery_key import decode_recovery_key, encode_recovery_key
 from bot_toolkit.identity.signing import SignatureError, signable_bytes, verify_signature
 from bot_toolkit.identity.store import IdentityStore, StoredIdentity
 
@@ -149,18 +149,22 @@ class Identity:
     async def ensure(
         self,
         *,
-        recovery_key: bytes | None = None,
+        recovery_key: str | bytes | None = None,
         passphrase: str | None = None,
         password: str | None = None,
         bootstrap: bool = True,
     ) -> EnsureResult:
         """Make this device cross-signed if that can be done safely (see the module docs).
 
-        ``recovery_key`` is the decoded 32-byte secret storage key. Raises
+        ``recovery_key`` is the recovery key text (Element's or ours) or the decoded 32-byte
+        secret storage key; ``password`` answers interactive auth. Raises
+        :class:`~bot_toolkit.identity.recovery_key.RecoveryKeyError` (malformed key),
         :class:`~bot_toolkit.identity.api.TransientError` (retry later; nothing half-made),
         :class:`IdentityError` subclasses (one-line reason) and the secret-storage errors of
         :func:`~bot_toolkit.identity.secret_storage.read_keys`.
         """
+        if isinstance(recovery_key, str):
+            recovery_key = decode_recovery_key(recovery_key)
         pub = await self._published()
         stored = self.store.load(self.user_id)
         new_recovery_key: str | None = None
