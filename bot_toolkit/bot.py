@@ -703,7 +703,10 @@ class Bot:
             retry_max_delay=m.retry_max_delay,
         )
         startup = IdentityStartup(
-            identity_for(client, self.data_dir), options, self.metrics, self.data_dir
+            self.toolkit.identity if self.toolkit else identity_for(client, self.data_dir),
+            options,
+            self.metrics,
+            self.data_dir,
         )
         self.identity = startup
         self.state.identity = startup.detail

@@ -340,8 +340,11 @@ class VerificationConfig:
 class KeysConfig:
     """``[keys]``: room-key sharing and ``m.room_key.withheld`` notices."""
 
-    share_with: Literal["all", "verified"] = "verified"
-    """Share room keys with ``all`` devices that are not blacklisted, or only ``verified`` ones."""
+    share_with: Literal["all", "cross_signed", "verified"] = "cross_signed"
+    """Which devices get room keys: ``cross_signed`` (the default; spec v1.18 "Recommended
+    client behaviour": devices cross-signed by their owner), ``verified`` (devices the bot
+    verified, or cross-signed by a user whose identity it verified) or ``all`` (every device
+    that is not blacklisted). The others get ``m.unverified``."""
     send_withheld: bool = True
     """Send ``m.room_key.withheld`` (``m.unverified`` ...) to devices that do not get the key."""
     no_olm_notices: bool = True

@@ -96,6 +96,7 @@ from bot_toolkit.store import Store
 from bot_toolkit.withheld import (
     ClaimBackoff,
     Clock,
+    CrossSigningView,
     DeviceTrust,
     DummyThrottle,
     NoOlmLedger,
@@ -236,6 +237,9 @@ class KeySharing:
         self.room_keys = room_keys
         self._outbox = outbox
         self._counters = counters
+        self.cross_signing: CrossSigningView | None = None
+        """Other users' cross-signing, for ``share_with`` ``cross_signed`` / ``verified``
+        (None: no device counts as cross-signed)."""
         self._m_dummy = metrics.counter(
             "withheld_dummy_total",
             "Answers to received m.no_olm notices (result: sent, throttled, no_device, no_key)",
@@ -422,14 +426,24 @@ class KeySharing:
     def _peer(self, device: Any) -> PeerDevice:
         return PeerDevice(device.user_id, device.device_id, device.curve25519)
 
-    def _trust(self, olm: Any, device: Any) -> DeviceTrust:
-        """nio's trust state of ``device`` (outside nio's device selection, where our
-        ``is_device_blacklisted`` hook answers as nio's own)."""
+    def _trust(self, olm: Any, device: Any, *, blacklisted: bool | None = None) -> DeviceTrust:
+        """nio's trust state of ``device`` plus its cross-signing (outside nio's device
+        selection, where our ``is_device_blacklisted`` hook answers as nio's own; inside it,
+        pass ``blacklisted``)."""
+        view = self.cross_signing
+        cross_signed = owner_verified = False
+        if view is not None and self.policy.share_with is not ShareWith.ALL:
+            cross_signed = view.cross_signed(device.user_id, device.device_id, device.ed25519)
+            owner_verified = cross_signed and view.owner_verified(device.user_id)
         return DeviceTrust(
             verified=bool(olm.is_device_verified(device)),
-            blacklisted=bool(olm.is_device_blacklisted(device)),
+            blacklisted=(
+                bool(olm.is_device_blacklisted(device)) if blacklisted is None else blacklisted
+            ),
             unlisted_own=device.user_id == olm.user_id
             and device.device_id not in self.policy.own_devices,
+            cross_signed=cross_signed,
+            owner_verified=owner_verified,
         )
 
     def _wrap_should_share(
@@ -505,9 +519,9 @@ class KeySharing:
                 return False
             if device.user_id == olm.user_id and device.device_id not in self.policy.own_devices:
                 return True
-            return bool(
-                self.policy.share_with is ShareWith.VERIFIED and not olm.is_device_verified(device)
-            )
+            if self.policy.share_with is ShareWith.ALL:
+                return False
+            return not self._trust(olm, device, blacklisted=False).meets(self.policy.share_with)
 
         return is_device_blacklisted
 
@@ -594,8 +608,11 @@ class KeySharing:
             if not self._attached:
                 return await original(room_id, ignore_unverified_devices=ignore_unverified_devices)
             self._hook_olm()
-            if self.policy.share_with is ShareWith.ALL:
+            if self.policy.share_with is not ShareWith.VERIFIED or self.cross_signing is not None:
+                # Our is_device_blacklisted hook filters by the policy; nio must not refuse
+                # the devices it lets through (cross-signed ones nio does not call verified).
                 ignore_unverified_devices = True
+            await self._refresh_cross_signing(room_id)
             await self.flush()
             current = _Round(room_id)
             token = _ROUND.set(current)
@@ -610,6 +627,23 @@ class KeySharing:
 
         share_group_session._bot_toolkit_ks = self  # type: ignore[attr-defined]
         return share_group_session
+
+    async def _refresh_cross_signing(self, room_id: str) -> None:
+        """Bring the cross-signing view up to date for the room's members' devices."""
+        view, olm = self.cross_signing, self.client.olm
+        if view is None or olm is None or self.policy.share_with is ShareWith.ALL:
+            return
+        room = self.client.rooms.get(room_id)
+        if room is None:
+            return
+        devices: dict[str, dict[str, str]] = {}
+        for user_id in room.users:
+            for device in olm.device_store.active_user_devices(user_id):
+                devices.setdefault(user_id, {})[device.device_id] = device.ed25519
+        try:
+            await view.refresh(devices)
+        except Exception:
+            self._error("cross_signing_refresh")
 
     def _wrap_keys_claim(
         self, original: Callable[..., Awaitable[Any]]

@@ -56,6 +56,10 @@ from nio import AsyncClient, KeysUploadResponse
 from bot_toolkit import key_sharing as _key_sharing
 from bot_toolkit import nio_plugin as _nio_plugin
 from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit.identity.api import IdentityApi
+from bot_toolkit.identity.nio_glue import identity_for, nio_requester
+from bot_toolkit.identity.service import Identity
+from bot_toolkit.identity.trust import CrossSigningTrust
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.outbox import HttpTransport, Outbox
 from bot_toolkit.store import Store
@@ -154,6 +158,7 @@ class BotToolkit:
         self._store: Store | None = None
         self._outbox: Outbox | None = None
         self._sharing: _key_sharing.KeySharing | None = None
+        self._identity: Identity | None = None
         self._manager: VerificationManager | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._state = "new"  # new -> starting -> running -> closed
@@ -233,6 +238,19 @@ class BotToolkit:
         if self._verification_policy is None:
             raise ToolkitError("verification is off: pass verification=VerificationPolicy(...)")
         return self._part(self._manager, "verification manager")
+
+    @property
+    def identity(self) -> Identity:
+        """The bot user's cross-signing identity (keys kept in the data directory)::
+
+            result = await toolkit.identity.ensure(recovery_key=..., password=...)
+
+        bootstraps an identity for an account without one, recovers an existing one with the
+        recovery key, and signs this device; see :mod:`bot_toolkit.identity`. Made on first use.
+        """
+        if self._identity is None:
+            self._identity = identity_for(self._client, self._data_dir)
+        return self._identity
 
     def _part(self, part: P | None, name: str) -> P:
         if part is None:
@@ -318,6 +336,10 @@ class BotToolkit:
                 policy=self._sharing_policy,
                 metrics=self._metrics,
                 clock=self._clock,
+            )
+            # Other users' cross-signing, for share_with = cross_signed / verified.
+            sharing.cross_signing = CrossSigningTrust(
+                IdentityApi(nio_requester(client), client.user_id)
             )
             self._sharing = sharing
             stack.push_async_callback(self._step, "key sharing close", sharing.close)

@@ -37,10 +37,10 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from bot_toolkit.events import WithheldCode
 from bot_toolkit.metrics import Counter, Metrics
@@ -56,6 +56,7 @@ __all__ = [
     "SENDER_TRACKED",
     "ClaimBackoff",
     "Clock",
+    "CrossSigningView",
     "DeviceTrust",
     "DummyThrottle",
     "LedgerEntry",
@@ -226,7 +227,29 @@ class ShareWith(StrEnum):
     ALL = "all"
     """Every device that is not blacklisted (unverified ones too)."""
     VERIFIED = "verified"
-    """Only verified devices; the others get ``m.unverified``."""
+    """Devices the bot verified, or cross-signed by a user whose identity the bot verified
+    (signed with its user-signing key); the others get ``m.unverified``."""
+    CROSS_SIGNED = "cross_signed"
+    """Devices cross-signed by their owner (spec v1.18 "Recommended client behaviour",
+    MSC4153, Element's "exclude insecure devices"); the others get ``m.unverified``. Local
+    verification does not count, as in matrix-rust-sdk's identity-based strategy."""
+
+
+class CrossSigningView(Protocol):
+    """What key sharing asks about other users' cross-signing (implemented by
+    :class:`bot_toolkit.identity.trust.CrossSigningTrust`)."""
+
+    async def refresh(self, devices: Mapping[str, Mapping[str, str]]) -> None:
+        """Make the answers current for ``{user_id: {device_id: ed25519}}`` (nio's view)."""
+        ...
+
+    def cross_signed(self, user_id: str, device_id: str, ed25519: str) -> bool:
+        """Whether the device (with this key) is signed by its owner's self-signing key."""
+        ...
+
+    def owner_verified(self, user_id: str) -> bool:
+        """Whether we signed the user's master key with our user-signing key."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +260,18 @@ class DeviceTrust:
     blacklisted: bool = False
     unlisted_own: bool = False
     """A device of the bot's own user that is not in :attr:`SharingPolicy.own_devices`."""
+    cross_signed: bool = False
+    """Signed by its owner's self-signing key (and the owner has a cross-signing identity)."""
+    owner_verified: bool = False
+    """The owner's master key carries our user-signing key's signature."""
+
+    def meets(self, share_with: ShareWith) -> bool:
+        """Whether the device passes ``share_with`` (blacklisting aside)."""
+        if share_with is ShareWith.CROSS_SIGNED:
+            return self.cross_signed
+        if share_with is ShareWith.VERIFIED:
+            return self.verified or (self.cross_signed and self.owner_verified)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +282,10 @@ class SharingPolicy:
 
     * blacklisted devices never get it; they are told ``m.blacklisted`` when
       ``notify_blacklisted`` (and ``send_withheld``) is set;
-    * with ``share_with = "verified"`` an unverified device gets ``m.unverified`` instead of the
-      key; with ``"all"`` it gets the key (nio then marks it "ignored", as ``room_send(...,
+    * with ``share_with = "cross_signed"`` a device its owner has not cross-signed gets
+      ``m.unverified``; with ``"verified"`` so does a device that is neither verified by the bot
+      nor cross-signed by a user whose identity the bot verified; with ``"all"`` it gets the
+      key (nio then marks it "ignored", as ``room_send(...,
       ignore_unverified_devices=True)`` does);
     * a device with no Olm session and no claimable one-time key gets one ``m.no_olm`` (ledger
       rules) when ``no_olm_notices`` is set.
@@ -315,7 +352,7 @@ class SharingPolicy:
             if self.send_withheld and self.notify_blacklisted:
                 raise WithheldError(WithheldCode.BLACKLISTED)
             return False
-        if self.share_with is ShareWith.VERIFIED and not trust.verified:
+        if not trust.meets(self.share_with):
             if self.send_withheld:
                 raise WithheldError(WithheldCode.UNVERIFIED)
             return False

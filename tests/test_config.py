@@ -85,7 +85,7 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
     assert config.http.admin_token is None
     assert config.verification.allowed_users == ()
     assert config.verification.confirm == "operator"
-    assert config.keys.share_with == "verified"
+    assert config.keys.share_with == "cross_signed"
     assert config.logging.format == "text"
 
 
@@ -135,7 +135,11 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
             "verification.allowed_users[0]",
             "glob",
         ),
-        (MINIMAL + '[keys]\nshare_with = "everyone"\n', "keys.share_with", "'all', 'verified'"),
+        (
+            MINIMAL + '[keys]\nshare_with = "everyone"\n',
+            "keys.share_with",
+            "'all', 'cross_signed', 'verified'",
+        ),
         (
             MINIMAL + '[http]\nallowed_hosts = ["ok.example", "bad host"]\n',
             "http.allowed_hosts[1]",
