@@ -38,6 +38,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from bot_toolkit.config import LOOPBACK_HOSTS, Secret
 from bot_toolkit.metrics import Metrics
+from bot_toolkit.verification.info import VerificationInfo
 
 __all__ = [
     "LOOPBACK_HOSTS",
@@ -75,26 +76,6 @@ _server_log.addFilter(_MalformedRequestFilter())
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class VerificationInfo:
-    """One verification in progress, as the admin API shows it."""
-
-    id: str
-    """The transaction id."""
-    user_id: str
-    """The other side's user id."""
-    device_id: str
-    """The other side's device id."""
-    state: str
-    """The verification's state, e.g. ``requested``, ``started``, ``keys_exchanged``."""
-    emoji: tuple[tuple[str, str], ...] = ()
-    """The SAS as ``(emoji, description)`` pairs once keys are exchanged; empty before."""
-    decimals: tuple[int, int, int] | None = None
-    """The SAS as three numbers once keys are exchanged."""
-    deadline: float | None = None
-    """When the verification times out, as Unix time (``time.time()``)."""
 
 
 class VerificationController(Protocol):

@@ -17,11 +17,8 @@ from typing import Any
 
 import pytest
 
-from bot_toolkit.verification import (
-    SasSession,
-    State,
-    VerificationPolicy,
-)
+from bot_toolkit.verification import State, VerificationPolicy
+from bot_toolkit.verification.sas import SasSession
 from bot_toolkit.verification.table import Party
 from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse

@@ -19,18 +19,17 @@ from bot_toolkit.outbox import OutboxClosed
 from bot_toolkit.store import Store
 from bot_toolkit.undecodable import UndecodableEvent
 from bot_toolkit.verification import (
-    RESTART_REASON,
     SasReady,
-    SasSession,
     State,
     VerificationCancelled,
     VerificationDone,
     VerificationPolicy,
     VerificationRequested,
-    compute_commitment,
 )
 from bot_toolkit.verification.engine import MARK_FAILED_REASON, code_label
 from bot_toolkit.verification.peer_keys import NioKeySource
+from bot_toolkit.verification.persistence import RESTART_REASON
+from bot_toolkit.verification.sas import SasSession, compute_commitment
 from bot_toolkit.verification.table import Party
 from tests.fakes import FakeClock
 from tests.verification_helpers import (

@@ -18,200 +18,72 @@ The I/O around them:
 * :mod:`.persistence`: the restart-cancel table in the store.
 * :mod:`.lifecycle`: the lifecycle events the manager puts into the dispatcher.
 
-The public names are re-exported here.
+What a bot calls is exported here (loaded on first use, so importing a pure module such as
+``bot_toolkit.verification.table`` loads neither nio nor aiohttp); the rest is internal and
+imported from its module.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    CommitmentMismatchError,
-    InvalidSasMessageError,
-    KeyMismatchError,
-    SasError,
-    SasStateError,
-    UnknownMethodError,
-)
-from .lifecycle import (
-    SasPrompt,
-    SasReady,
-    VerificationCancelled,
-    VerificationDone,
-    VerificationRequested,
-)
-from .manager import (
-    OutboxLike,
-    VerificationManager,
-)
-from .negotiation import (
-    HASH_SHA256,
-    KEY_AGREEMENT_V2,
-    MAC_LEGACY,
-    MAC_V2,
-    METHOD_SAS,
-    OUR_SAS_OFFER,
-    SAS_DECIMAL,
-    SAS_EMOJI,
-    SUPPORTED_METHODS,
-    SasAgreement,
-    SasOffer,
-    agreement_from_accept,
-    check_accept,
-    common_verification_methods,
-    negotiate_start,
-    offer_from_start,
-)
-from .peer_keys import KeySource, NioKeySource
-from .persistence import RESTART_REASON
-from .policy import (
-    REQUEST_MAX_AGE,
-    REQUEST_MAX_FUTURE,
-    REQUEST_PROMPT_AFTER_RECEIPT,
-    TRANSACTION_IDLE_TIMEOUT,
-    VERIFICATION_TIMEOUT,
-    AttemptTracker,
-    ErrorReplyLimiter,
-    TransactionTimers,
-    VerificationPolicy,
-    accepted_notice_targets,
-    request_is_fresh,
-    request_prompt_lapse,
-)
-from .sas import (
-    Emoji,
-    SasSession,
-    canonical_json,
-    compute_commitment,
-    decimals_from_bytes,
-    emoji_for,
-    emoji_indices_from_bytes,
-    emoji_table,
-    key_id_list,
-    mac_info,
-    sas_info,
-    unpadded_b64,
-    verify_commitment,
-)
-from .table import (
-    ALWAYS_INPUTS,
-    EVENT_INPUTS,
-    LOCAL_STEPS,
-    OUT_OF_SEQUENCE,
-    TERMINAL_STATES,
-    TRANSITIONS,
-    Action,
-    CancelCode,
-    Ignore,
-    Input,
-    MarkVerified,
-    NotifyOthers,
-    Outcome,
-    Party,
-    RejectLocal,
-    ReplyCancel,
-    SendAccept,
-    SendCancel,
-    SendDone,
-    SendKey,
-    SendMac,
-    SendReady,
-    SendRequest,
-    SendStart,
-    ShowSas,
-    StartRace,
-    State,
-    check_complete,
-    classify_start,
-    start_race,
-    transition,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY: dict[str, str] = {
+    "VerificationManager": "bot_toolkit.verification.manager",
+    "OutboxLike": "bot_toolkit.verification.engine",
+    "KeySource": "bot_toolkit.verification.peer_keys",
+    "VerificationPolicy": "bot_toolkit.verification.policy",
+    "VerificationInfo": "bot_toolkit.verification.info",
+    "State": "bot_toolkit.verification.table",
+    "CancelCode": "bot_toolkit.codes",
+    "SasPrompt": "bot_toolkit.verification.lifecycle",
+    "SasReady": "bot_toolkit.verification.lifecycle",
+    "VerificationCancelled": "bot_toolkit.verification.lifecycle",
+    "VerificationDone": "bot_toolkit.verification.lifecycle",
+    "VerificationRequested": "bot_toolkit.verification.lifecycle",
+}
+
+if TYPE_CHECKING:
+    from bot_toolkit.codes import CancelCode
+    from bot_toolkit.verification.engine import OutboxLike
+    from bot_toolkit.verification.info import VerificationInfo
+    from bot_toolkit.verification.lifecycle import (
+        SasPrompt,
+        SasReady,
+        VerificationCancelled,
+        VerificationDone,
+        VerificationRequested,
+    )
+    from bot_toolkit.verification.manager import VerificationManager
+    from bot_toolkit.verification.peer_keys import KeySource
+    from bot_toolkit.verification.policy import VerificationPolicy
+    from bot_toolkit.verification.table import State
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bot_toolkit.verification' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
-    "ALWAYS_INPUTS",
-    "EVENT_INPUTS",
-    "HASH_SHA256",
-    "KEY_AGREEMENT_V2",
-    "LOCAL_STEPS",
-    "MAC_LEGACY",
-    "MAC_V2",
-    "METHOD_SAS",
-    "OUR_SAS_OFFER",
-    "OUT_OF_SEQUENCE",
-    "REQUEST_MAX_AGE",
-    "REQUEST_MAX_FUTURE",
-    "REQUEST_PROMPT_AFTER_RECEIPT",
-    "RESTART_REASON",
-    "SAS_DECIMAL",
-    "SAS_EMOJI",
-    "SUPPORTED_METHODS",
-    "TERMINAL_STATES",
-    "TRANSACTION_IDLE_TIMEOUT",
-    "TRANSITIONS",
-    "VERIFICATION_TIMEOUT",
-    "Action",
-    "AttemptTracker",
     "CancelCode",
-    "CommitmentMismatchError",
-    "Emoji",
-    "ErrorReplyLimiter",
-    "Ignore",
-    "Input",
-    "InvalidSasMessageError",
-    "KeyMismatchError",
     "KeySource",
-    "MarkVerified",
-    "NioKeySource",
-    "NotifyOthers",
     "OutboxLike",
-    "Outcome",
-    "Party",
-    "RejectLocal",
-    "ReplyCancel",
-    "SasAgreement",
-    "SasError",
-    "SasOffer",
     "SasPrompt",
     "SasReady",
-    "SasSession",
-    "SasStateError",
-    "SendAccept",
-    "SendCancel",
-    "SendDone",
-    "SendKey",
-    "SendMac",
-    "SendReady",
-    "SendRequest",
-    "SendStart",
-    "ShowSas",
-    "StartRace",
     "State",
-    "TransactionTimers",
-    "UnknownMethodError",
     "VerificationCancelled",
     "VerificationDone",
+    "VerificationInfo",
     "VerificationManager",
     "VerificationPolicy",
     "VerificationRequested",
-    "accepted_notice_targets",
-    "agreement_from_accept",
-    "canonical_json",
-    "check_accept",
-    "check_complete",
-    "classify_start",
-    "common_verification_methods",
-    "compute_commitment",
-    "decimals_from_bytes",
-    "emoji_for",
-    "emoji_indices_from_bytes",
-    "emoji_table",
-    "key_id_list",
-    "mac_info",
-    "negotiate_start",
-    "offer_from_start",
-    "request_is_fresh",
-    "request_prompt_lapse",
-    "sas_info",
-    "start_race",
-    "transition",
-    "unpadded_b64",
-    "verify_commitment",
 ]

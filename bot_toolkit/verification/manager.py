@@ -76,10 +76,10 @@ from ..events import (
     KeyVerificationCancel,
     ToDeviceEvent,
 )
-from ..http_api import VerificationInfo
 from ..metrics import Metrics
 from .engine import Engine, OutboxLike
 from .inbound import Inbound
+from .info import VerificationInfo
 from .lifecycle import (
     VerificationCancelled,
     VerificationDone,

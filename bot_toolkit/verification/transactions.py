@@ -18,7 +18,7 @@ import msgspec
 
 from .._types import DeviceId, TransactionId, UserId
 from ..events import ToDeviceEvent, encode_content
-from ..http_api import VerificationInfo
+from .info import VerificationInfo
 from .lifecycle import VerificationCancelled, VerificationDone
 from .policy import VERIFICATION_TIMEOUT, TransactionTimers
 from .sas import SasSession
