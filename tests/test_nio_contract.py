@@ -234,7 +234,10 @@ def _private_attribute_uses(path: Path, names: set[str]) -> list[str]:
     return [
         f"{path.relative_to(PACKAGE.parent)}:{node.lineno} .{node.attr}"
         for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr in names
+        if isinstance(node, ast.Attribute)
+        and node.attr in names
+        # our own objects' attributes of the same name (self._entries) are not nio's
+        and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"})
     ]
 
 
