@@ -9,10 +9,12 @@
    :class:`~bot_toolkit.verification.VerificationManager` on the requesting side), asks the bot's
    device to verify by SAS; both sides show the emoji and decimals, compare and confirm, and each
    ends up trusting the other's device;
-5. Carol, a device with identity keys but no one-time keys (nobody can open an Olm session with
+5. the bot runs the example plugin (``bot_toolkit.plugins.ping``): Alice says ``!ping demo`` in
+   an encrypted room and decrypts the bot's encrypted answer;
+6. Carol, a device with identity keys but no one-time keys (nobody can open an Olm session with
    it), shares an encrypted room with the bot; the bot says hello and Carol receives the
    ``m.room_key.withheld`` notice with code ``m.no_olm`` instead of the room key;
-6. everything is stopped and removed.
+7. everything is stopped and removed.
 
 Every step prints a numbered line and is bounded by a timeout. Exit code 0 when the whole flow
 worked, 2 when Synapse is not installed, 1 otherwise (with one line naming the problem).
@@ -37,7 +39,13 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import aiohttp
-from nio import AsyncClient, AsyncClientConfig, RoomSendResponse
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    RoomCreateResponse,
+    RoomMessageNotice,
+    RoomSendResponse,
+)
 
 from bot_toolkit.bot import Bot, format_sas
 from bot_toolkit.config import (
@@ -47,6 +55,7 @@ from bot_toolkit.config import (
     LoggingConfig,
     MatrixConfig,
     OutboxConfig,
+    PluginsConfig,
     Secret,
     StorageConfig,
     VerificationConfig,
@@ -160,6 +169,45 @@ class ScriptedPeer:
             except Exception:
                 log.exception("alice: sync failed")
                 await asyncio.sleep(1)
+
+    async def ping(self, bot_user: str) -> RoomMessageNotice:
+        """Make an encrypted room with the bot, say ``!ping demo``, return the bot's answer."""
+        client = self.client
+        assert client is not None
+        answers: dict[str, RoomMessageNotice] = {}
+
+        async def on_notice(room: Any, event: RoomMessageNotice) -> None:
+            relates = event.source.get("content", {}).get("m.relates_to", {})
+            target = relates.get("m.in_reply_to", {}).get("event_id")
+            if event.sender == bot_user and isinstance(target, str):
+                answers[target] = event
+
+        client.add_event_callback(on_notice, RoomMessageNotice)
+        encryption = {
+            "type": "m.room.encryption",
+            "state_key": "",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+        }
+        created = await client.room_create(invite=[bot_user], initial_state=[encryption])
+        if not isinstance(created, RoomCreateResponse):
+            raise DemoError(f"Alice could not create a room: {created}")
+        room_id = created.room_id
+
+        def bot_joined() -> bool:
+            room = client.rooms.get(room_id)
+            return bool(room and room.encrypted and bot_user in room.users)
+
+        await _until("the bot joins Alice's room", bot_joined, 60)
+        sent = await client.room_send(
+            room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "!ping demo"},
+            ignore_unverified_devices=True,
+        )
+        if not isinstance(sent, RoomSendResponse):
+            raise DemoError(f"Alice could not send: {sent}")
+        await _until("the bot's answer", lambda: sent.event_id in answers, 60)
+        return answers[sent.event_id]
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -276,6 +324,7 @@ def _bot_config(homeserver: str, bot: Any, data_dir: Path, port: int, admin: str
         outbox=OutboxConfig(flush_deadline=5.0),
         http=HttpConfig(host="127.0.0.1", port=port, admin_token=Secret(admin)),
         logging=LoggingConfig(level="WARNING"),
+        plugins=PluginsConfig(modules=("bot_toolkit.plugins.ping",)),
     )
 
 
@@ -370,9 +419,20 @@ async def _demo(workdir: Path) -> None:
                 f"{'yes' if alice_dev.verified else 'no'}; the bot trusts Alice's device: yes"
             )
 
+            # ---- a plugin answers in an encrypted room
+            _say(
+                "[6] The bot runs the example plugin bot_toolkit.plugins.ping. Alice asks "
+                "'!ping demo' in an encrypted room ..."
+            )
+            answer = await _step("the plugin's answer", alice.ping(bot_user.user_id))
+            _say(
+                f"    Alice decrypted the bot's answer: {answer.body!r} "
+                f"(encrypted: {'yes' if answer.decrypted else 'no'})"
+            )
+
             # ---- withheld
             _say(
-                "[6] Carol's device has no one-time keys, so nobody can open an Olm session "
+                "[7] Carol's device has no one-time keys, so nobody can open an Olm session "
                 "with it. She shares an encrypted room with the bot (keys.share_with = all); "
                 "the bot says hello ..."
             )
@@ -419,7 +479,7 @@ async def _demo(workdir: Path) -> None:
                 await asyncio.wait_for(asyncio.shield(bot_task), 30)
             if not bot_task.done():
                 await _cancel(bot_task)
-        _say("[7] Cleaning up: the bot stopped cleanly, Synapse stops, temporary files go")
+        _say("[8] Cleaning up: the bot stopped cleanly, Synapse stops, temporary files go")
 
 
 async def _run() -> int:
@@ -454,7 +514,7 @@ async def _run() -> int:
                 loop.remove_signal_handler(sig)
     _say(
         f"Demo finished in {time.monotonic() - started:.0f}s: the bot was verified by SAS and "
-        "sent an m.no_olm withheld notice."
+        "sent an m.no_olm withheld notice; its plugin answered !ping."
     )
     return 0
 

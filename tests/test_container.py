@@ -392,3 +392,67 @@ def test_check_config_inside_names_a_missing_plugin(image: str, tmp_path: Path) 
     assert len(ours) == 1, res.stderr  # the rest is podman's own exit report
     expected = "bot-toolkit: config error: plugins.not_mounted: cannot import 'not_mounted'"
     assert ours[0].startswith(expected), res.stderr
+
+
+# ---- plugins installed into a derived image (the README's recipe)
+
+DERIVED_DOCKERFILE = f"""\
+ARG BASE_IMAGE
+FROM localhost/{TAG}
+USER root
+COPY hello_plugin/ /tmp/hello_plugin/
+RUN PATH=/usr/local/bin:/usr/bin:/bin python3 -m pip --python /opt/venv/bin/python install \\
+      --no-cache-dir /tmp/hello_plugin \\
+ && rm -rf /tmp/hello_plugin
+USER 10001:10001
+"""
+
+HELLO_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "hello-plugin"
+version = "1.0"
+
+[project.entry-points."bot_toolkit.plugins"]
+hello = "hello_plugin"
+
+[tool.setuptools]
+py-modules = ["hello_plugin"]
+"""
+
+
+def test_derived_image_installs_a_plugin_package(image: str, tmp_path: Path) -> None:
+    """``FROM`` our image, ``pip install`` a package whose entry point is the README's plugin:
+    ``check-config`` in the derived image finds it through ``entry_point_group``."""
+    context = tmp_path / "derived"
+    package = context / "hello_plugin"
+    package.mkdir(parents=True)
+    (context / "Dockerfile").write_text(DERIVED_DOCKERFILE)
+    (package / "pyproject.toml").write_text(HELLO_PYPROJECT)
+    shutil.copy(ROOT / "examples" / "plugins" / "hello.py", package / "hello_plugin.py")
+    for path in (context, package, *context.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    derived = "bot-toolkit:derived-test"
+    res = subprocess.run(
+        [_tool(), "build", derived], cwd=context, capture_output=True, text=True, timeout=900,
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    config = _config_file(
+        tmp_path,
+        (ROOT / "config.example.toml")
+        .read_text()
+        .replace(
+            '# entry_point_group = "bot_toolkit.plugins"',
+            'entry_point_group = "bot_toolkit.plugins"',
+        ),
+    )
+    res = cc(
+        "run", "-v", f"{config}:/config/config.toml:ro", "-e", "BOT_TOOLKIT_PASSWORD=x",
+        derived, "--", "check-config",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "config OK: /config/config.toml (plugins: hello)" in res.stdout, res.stdout

@@ -32,7 +32,7 @@ def test_demo_runs_the_whole_flow_and_cleans_up(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
     lines = out.splitlines()
     steps = [line[:3] for line in lines if re.match(r"\[\d\]", line)]
-    assert steps == [f"[{i}]" for i in range(1, 8)], out
+    assert steps == [f"[{i}]" for i in range(1, 9)], out
     bot_shows = next(line for line in lines if "Bot shows:" in line)
     alice_sees = next(line for line in lines if "Alice sees:" in line)
     # Seven emoji with their names, the same on both sides.
@@ -42,6 +42,7 @@ def test_demo_runs_the_whole_flow_and_cleans_up(tmp_path: Path) -> None:
     assert "Same on both screens: yes" in out
     assert "Verification done: Alice trusts the bot's device: yes" in out
     assert "the bot trusts Alice's device: yes" in out
+    assert "Alice decrypted the bot's answer: 'pong demo' (encrypted: yes)" in out, out
     assert re.search(r"Carol received m\.room_key\.withheld .* code=m\.no_olm", out), out
     assert lines[-1].startswith("Demo finished"), out
     # Everything the demo made in the temporary directory is gone.
