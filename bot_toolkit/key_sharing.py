@@ -116,6 +116,7 @@ log = logging.getLogger("bot_toolkit.key_sharing")
 
 WITHHELD_EVENT: Final = "m.room_key.withheld"
 _ENCRYPTED_EVENT: Final = "m.room.encrypted"
+_MEGOLM: Final = "m.megolm.v1.aes-sha2"
 _REQUESTS_REMEMBERED: Final = 10_000
 _NO_OLM_ANSWERS: Final = 64
 """``m.no_olm`` answers (device-list query, claim, ``m.dummy``) running at once; more are
@@ -1041,8 +1042,6 @@ class KeySharing:
         olm = self.client.olm
         if not self._attached or olm is None or not self.policy.answer_key_requests:
             return
-        if not self.policy.send_withheld:
-            return
         own_user, own_device, _ = self._own()
         if event.sender == own_user and event.requesting_device_id == own_device:
             return
@@ -1055,6 +1054,15 @@ class KeySharing:
             if device is not None and device.deleted:
                 device = None
         trust = None if device is None else self._trust(olm, device)
+        if (
+            device is not None
+            and trust is not None
+            and await self._serve_meant_key(olm, event, device, trust)
+        ):
+            self._remember_answered(key)
+            return
+        if not self.policy.send_withheld:
+            return
         try:
             self.policy.check_key_request(
                 own_user_id=own_user,
@@ -1069,9 +1077,87 @@ class KeySharing:
                 log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
                 return
             await self._reply(event, refusal)
-            self._answered[key] = None
-            while len(self._answered) > _REQUESTS_REMEMBERED:
-                self._answered.popitem(last=False)
+            self._remember_answered(key)
+
+    def _remember_answered(self, key: tuple[str, str, str]) -> None:
+        self._answered[key] = None
+        while len(self._answered) > _REQUESTS_REMEMBERED:
+            self._answered.popitem(last=False)
+
+    async def _serve_meant_key(
+        self, olm: Any, event: RoomKeyRequest, device: Any, trust: DeviceTrust
+    ) -> bool:
+        """Answer a request for one of the bot's own sessions with the key, when the room-key
+        log says the bot meant this device (same identity key) to have it.
+
+        The key goes out as ``m.forwarded_room_key`` (the spec's answer to a key request),
+        Olm-encrypted, through the outbox, exported from the index the device was first given:
+        never history from before it was meant to read. True when the request was handled
+        (answered, or silently dropped by the rate limit); False leaves it to the spec's
+        ``m.unauthorised``/``m.unavailable`` rules (and to nio for our own verified devices).
+        """
+        body = event.body
+        own_curve = olm.account.identity_keys["curve25519"]
+        if body.algorithm != _MEGOLM or not body.session_id or not body.room_id:
+            return False
+        if body.sender_key not in (None, own_curve):
+            return False
+        if event.sender == olm.user_id and trust.verified and not trust.blacklisted:
+            return False  # nio forwards keys to our own verified devices itself
+        if self.policy.withholds(trust):
+            return False
+        record = await self.room_keys.lookup(
+            body.session_id, event.sender, event.requesting_device_id
+        )
+        if (
+            record is None
+            or record.room_id != body.room_id
+            or record.curve25519 != device.curve25519
+        ):
+            return False
+        inbound = _room_sessions(olm.inbound_group_store, body.room_id)
+        group_session = inbound.get(own_curve, {}).get(body.session_id)
+        if group_session is None:
+            return False
+        if not self._request_limit.allow(event.sender):
+            self._m_limited.inc("key_request")
+            log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
+            return True
+        session = olm.session_store.get(device.curve25519)
+        if session is None:
+            await self.client.keys_claim({device.user_id: [device.device_id]})
+            session = olm.session_store.get(device.curve25519)
+        if session is None:
+            self._m_forwarded.inc("no_olm_session")
+            log.info(
+                "key request %s from %s %s: no Olm session could be opened",
+                event.request_id,
+                event.sender,
+                event.requesting_device_id,
+            )
+            return True
+        index = max(record.first_index, int(group_session.first_known_index))
+        content = {
+            "algorithm": _MEGOLM,
+            "forwarding_curve25519_key_chain": [],
+            "room_id": body.room_id,
+            "sender_claimed_ed25519_key": olm.account.identity_keys["ed25519"],
+            "sender_key": own_curve,
+            "session_id": body.session_id,
+            "session_key": group_session.export_session(index),
+        }
+        envelope = olm._olm_encrypt(session, device, "m.forwarded_room_key", content)
+        await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
+        self._m_forwarded.inc("sent")
+        log.info(
+            "answered key request %s from %s %s with the key of %s from index %d",
+            event.request_id,
+            event.sender,
+            event.requesting_device_id,
+            body.session_id,
+            index,
+        )
+        return True
 
     async def _on_withheld(self, event: RoomKeyWithheld) -> None:
         """A peer could not set up an Olm session with us: open one to it and send ``m.dummy``."""

@@ -10,25 +10,29 @@ must get the key exactly once, decrypt every message, and the bot must stay logg
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import vodozemac
 from nio import (
     AsyncClient,
     ForwardedRoomKeyEvent,
     MegolmEvent,
     RoomKeyEvent,
     RoomMessageText,
+    RoomSendResponse,
     SyncResponse,
     WhoamiResponse,
 )
 
-from tests.bot_process import BotProcess
+from tests.bot_process import BotProcess, room_with
 from tests.fault_proxy import Fault, FaultProxy
 from tests.nio_helpers import close_clients, know_each_other, make_client, share_encrypted_room
+from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse
 
 pytestmark = pytest.mark.synapse
@@ -153,3 +157,82 @@ async def test_first_room_key_request_fails(
     finally:
         await bot.stop()
         await close_clients(peer)
+
+
+async def test_key_request_for_a_session_meant_for_the_device_is_answered_with_the_key(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    bot = await BotProcess(synapse, synapse.register(), tmp_path / "bot").start()
+    peer = await RawDevice.registered(synapse, one_time_keys=2)
+    stranger = await RawDevice.registered(synapse)
+    try:
+        room_id = await room_with(bot, peer)
+        res = await bot.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": "hello"}
+        )
+        assert isinstance(res, RoomSendResponse), res
+        assert await bot.outbox.flush(10.0)
+        session_id = bot.client.olm.outbound_group_sessions[room_id].id
+        bot_curve = bot.client.olm.account.identity_keys["curve25519"]
+        await peer.drain()
+        assert [p["type"] for p in _payloads(peer)] == ["m.room_key"]
+
+        # The peer lost the key and asks the bot for it; so does a stranger.
+        request = {
+            "action": "request",
+            "body": {
+                "algorithm": "m.megolm.v1.aes-sha2",
+                "room_id": room_id,
+                "sender_key": bot_curve,
+                "session_id": session_id,
+            },
+        }
+        for device, request_id in ((peer, "req-peer"), (stranger, "req-stranger")):
+            content = {**request, "request_id": request_id}
+            content["requesting_device_id"] = device.device_id
+            await device.send_to_device(
+                "m.room_key_request", {bot.user.user_id: {bot.user.device_id: content}}
+            )
+        await bot.refresh(poll_ms=200)
+        assert await bot.outbox.flush(10.0)
+
+        await peer.drain()
+        forwarded = [p for p in _payloads(peer) if p["type"] == "m.forwarded_room_key"]
+        assert len(forwarded) == 1
+        key = forwarded[0]["content"]
+        assert (key["room_id"], key["session_id"], key["sender_key"]) == (
+            room_id,
+            session_id,
+            bot_curve,
+        )
+        assert peer.withheld() == []  # no m.unauthorised: the bot meant it to have the key
+        inbound = vodozemac.InboundGroupSession.import_session(
+            vodozemac.ExportedSessionKey(key["session_key"])
+        )
+        assert inbound.first_known_index == 0
+        event = await peer.request(
+            "GET", f"/_matrix/client/v3/rooms/{room_id}/event/{res.event_id}"
+        )
+        plaintext = inbound.decrypt(
+            vodozemac.MegolmMessage.from_base64(event["content"]["ciphertext"])
+        ).plaintext
+        assert json.loads(plaintext)["content"]["body"] == "hello"
+
+        await stranger.drain()
+        refusals = stranger.withheld()
+        assert [r["content"]["code"] for r in refusals] == ["m.unauthorised"]
+        assert _payloads(stranger) == []
+        served = bot.metrics.get("room_key_requests_served_total")
+        assert served is not None and served.get("sent") == 1
+    finally:
+        await bot.stop()
+        await peer.close()
+        await stranger.close()
+
+
+def _payloads(device: RawDevice) -> list[dict[str, Any]]:
+    return [
+        p
+        for e in device.to_device_events
+        if e["type"] == "m.room.encrypted" and (p := device.decrypt_olm(e)) is not None
+    ]
