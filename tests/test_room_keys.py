@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +34,16 @@ from nio import (
 
 from tests.bot_process import BotProcess, room_with
 from tests.fault_proxy import Fault, FaultProxy
-from tests.nio_helpers import close_clients, know_each_other, make_client, share_encrypted_room
+from tests.nio_helpers import (
+    close_clients,
+    know_each_other,
+    make_client,
+    share_encrypted_room,
+    wait_until,
+)
 from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse
+from tests.test_outbox_faults import ROOT, Child, _read_line, _stop
 
 pytestmark = pytest.mark.synapse
 
@@ -88,6 +98,13 @@ class PeerView:
             if isinstance(readable, RoomMessageText):
                 out[event_id] = readable.body
         return out
+
+    async def sync_until_seen(self, event_id: str, within: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while event_id not in self.events:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise AssertionError(f"peer never saw {event_id}")
+            await self.sync()
 
     async def sync_until_readable(self, event_ids: list[str], within: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + within
@@ -236,3 +253,79 @@ def _payloads(device: RawDevice) -> list[dict[str, Any]]:
         for e in device.to_device_events
         if e["type"] == "m.room.encrypted" and (p := device.decrypt_olm(e)) is not None
     ]
+
+
+# ------------------------------------------------------------------ SIGKILL and restart
+
+CHILD = Path(__file__).with_name("room_key_crash_child.py")
+
+HELD_ROOM_KEYS = {
+    "never_reached_synapse": Fault.stall(120),
+    "processed_answer_lost": Fault.hold_response(120),
+}
+
+
+@pytest.mark.parametrize("held", HELD_ROOM_KEYS.values(), ids=HELD_ROOM_KEYS.keys())
+async def test_sigkill_between_session_creation_and_key_delivery(
+    synapse: LocalSynapse, tmp_path: Path, proxy: FaultProxy, held: Fault
+) -> None:
+    user = synapse.register()
+    data_dir = tmp_path / "bot"
+    bot = await BotProcess(synapse, user, data_dir, homeserver=proxy.url).start()
+    peer = await make_client(synapse, tmp_path)
+    try:
+        try:
+            room_id = await share_encrypted_room(bot.client, peer)
+            await know_each_other(bot.client, peer)
+        finally:
+            await bot.stop()
+        view = PeerView(peer, room_id)
+        await view.sync(poll_ms=0)
+
+        # The bot's process sends a message while every room-key request is held, then dies.
+        proxy.policy = lambda n: held
+        args = [str(CHILD), "--homeserver", proxy.url, "--data-dir", str(data_dir)]
+        args += ["--user", user.user_id, "--device", user.device_id, "--room", room_id]
+        args += ["--text", "before the crash"]
+        env = {**os.environ, "BOT_TOOLKIT_TEST_TOKEN": user.access_token}
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        logs = tmp_path / "child"
+        logs.mkdir()
+        stdout, stderr = logs / "stdout", logs / "stderr"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *args, stdout=out, stderr=err, env=env
+            )
+        child = Child(proc, stdout, stderr)
+        try:
+            before, session_id = (await _read_line(child, "SENT ")).split()
+            await wait_until(lambda: len(proxy.hits) >= 1, within=30, what="room key request")
+            await view.sync_until_seen(before)
+            if held.kind == "stall":  # the key is only in the bot's outbox
+                assert before not in view.decrypted()
+            child.proc.send_signal(signal.SIGKILL)
+            assert await asyncio.wait_for(child.proc.wait(), 30) == -signal.SIGKILL
+        finally:
+            await _stop(child)
+        if held.kind == "stall":
+            assert view.keys == {}
+
+        # Restart: the outbox sends the stored keys with their original transaction ids; nio
+        # kept the outbound session only in memory, so the next message uses a new one.
+        proxy.policy = None
+        proxy.release()
+        bot = await BotProcess(synapse, user, data_dir, homeserver=proxy.url).start()
+        try:
+            assert await bot.outbox.flush(20.0)
+            after, new_session = await _say(bot, room_id, "after the restart")
+            assert new_session != session_id
+            await view.sync_until_readable([before, after])
+            await view.sync(poll_ms=0)
+            assert view.decrypted() == {before: "before the crash", after: "after the restart"}
+            assert view.keys == {session_id: 1, new_session: 1}
+            held_txn = proxy.hits[0].txn_id
+            assert held_txn in proxy.txn_ids("pass")  # resent under the same id
+        finally:
+            await bot.stop()
+    finally:
+        await close_clients(peer)
