@@ -15,6 +15,10 @@ matrix-nio issue (or says that none is filed). The rest of the library goes thro
   :class:`NioHookError` at once. :meth:`NioHooks.undo` restores nio exactly.
 * :func:`inbound_group_sessions`, :func:`drop_empty_entries` and :func:`olm_encrypt` are the
   private reads and calls.
+* :func:`share_room_key` replaces nio's ``AsyncClient.share_group_session``: the room keys go to
+  a store callback (the outbox) instead of nio's ``_send``, and devices count as shared only
+  after it returned. :func:`contain_soft_logout` keeps nio from clearing the access token on a
+  mis-parsed error response.
 
 The contract test (``tests/test_nio_contract.py``) lists the same names on its own and checks them
 against the installed nio, so a nio upgrade that moves one fails CI with the name.
@@ -22,13 +26,14 @@ against the installed nio, so a nio upgrade that moves one fails CI with the nam
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Final, Literal, Protocol
 
-from nio import AsyncClient
+from nio import AsyncClient, ErrorResponse, LocalProtocolError, ShareGroupSessionResponse
 from nio.crypto import DeviceStore, GroupSessionStore, Olm, SessionStore
 
 from bot_toolkit._patching import HookSet
@@ -40,11 +45,14 @@ __all__ = [
     "NioHooks",
     "NioName",
     "NioUnsupported",
+    "RoomKeyStore",
+    "contain_soft_logout",
     "contract_problems",
     "drop_empty_entries",
     "ensure_supported",
     "inbound_group_sessions",
     "olm_encrypt",
+    "share_room_key",
 ]
 
 TESTED_NIO: Final = ((0, 26), (0, 27))
@@ -202,7 +210,9 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         "coroutine",
         ("room_id", "ignore_unverified_devices"),
         "patch",
-        "one sharing round: withheld notices after it; nio never sends m.room_key.withheld "
+        "replaced by share_room_key: nio sends the room keys itself, ignores failed answers "
+        "(a 429 raises TypeError in its gather, a non-JSON 502 reads as success) and marks the "
+        "session shared anyway; withheld notices after each round, which nio never sends "
         f"({_NO_ISSUE})",
         defect=True,
     ),
@@ -532,3 +542,78 @@ def olm_encrypt(
     ``Olm._olm_encrypt``), to be sent by the outbox."""
     encrypted: dict[str, Any] = olm._olm_encrypt(session, device, event_type, dict(content))
     return encrypted
+
+
+# ----------------------------------------------------------------------------- room keys
+
+RoomKeyStore = Callable[[Any, set[tuple[str, str]], dict[str, dict[str, Any]]], Awaitable[None]]
+"""``store(session, devices, messages)``: durably queue the Olm-encrypted room keys of the
+outbound Megolm ``session`` (``messages`` is ``{user: {device: m.room.encrypted content}}`` for
+``devices``); raise when they are not stored."""
+
+
+async def share_room_key(
+    client: AsyncClient, room_id: str, ignore_unverified_devices: bool, store: RoomKeyStore
+) -> ShareGroupSessionResponse:
+    """nio's ``share_group_session`` with the keys handed to ``store`` instead of sent by nio.
+
+    nio 0.26 sends the keys itself through ``_send``, ignores failed answers and marks the
+    session as shared anyway (a 429 raises ``TypeError`` inside its ``gather``, a non-JSON 502
+    validates as success; contract entry ``AsyncClient.share_group_session``). Here the devices
+    are picked and the keys encrypted by nio's own ``Olm.share_group_session_parallel`` (with
+    every hook on it), all batches go to one ``store`` call, and only after it returned are the
+    devices added to the session's ``users_shared_with`` and the session marked shared: if
+    ``store`` raises, nothing counts as shared and ``room_send`` encrypts nothing with it.
+
+    Raises:
+        LocalProtocolError: as nio's (no such room, not encrypted, already sharing).
+        Exception: what ``store`` raised.
+    """
+    olm = client.olm
+    if olm is None:
+        raise LocalProtocolError("the client has no Olm machine (store not loaded)")
+    room = client.rooms.get(room_id)
+    if room is None:
+        raise LocalProtocolError(f"No such room with id {room_id}")
+    if not room.encrypted:
+        raise LocalProtocolError(f"Room with id {room_id} is not encrypted")
+    if room_id in client.sharing_session:
+        raise LocalProtocolError(f"Already sharing a group session for {room_id}")
+    # room_send waits on this event while another task shares the room's session.
+    client.sharing_session[room_id] = asyncio.Event()
+    shared: set[tuple[str, str]] = set()
+    try:
+        missing = client.get_missing_sessions(room_id)
+        if missing:
+            await client.keys_claim(missing)
+        messages: dict[str, dict[str, Any]] = {}
+        for sharing_with, to_device in olm.share_group_session_parallel(
+            room_id, list(room.users), ignore_unverified_devices=ignore_unverified_devices
+        ):
+            shared |= sharing_with
+            for user_id, devices in to_device["messages"].items():
+                messages.setdefault(user_id, {}).update(devices)
+        session = olm.outbound_group_sessions[room_id]
+        if shared:
+            await store(session, shared, messages)
+        session.users_shared_with.update(shared)
+        session.shared = True
+    finally:
+        client.sharing_session.pop(room_id).set()
+    return ShareGroupSessionResponse(room_id, shared)
+
+
+def contain_soft_logout(response: ErrorResponse) -> bool:
+    """Clear a ``soft_logout`` flag that is not a real soft logout; True when it did.
+
+    nio 0.26 sets ``client.access_token = ""`` for any error response whose ``soft_logout`` is
+    truthy. ``ShareGroupSessionError.from_dict`` passes ``room_id`` and the device set
+    positionally into ``retry_after_ms`` and ``soft_logout`` (contract entry
+    ``AsyncClient.receive_response``), so any JSON error answer to a room-key request logs the bot
+    out. Only ``soft_logout: true`` with ``M_UNKNOWN_TOKEN`` is what the spec calls one.
+    """
+    flag = response.soft_logout
+    if flag is False or (flag is True and response.status_code == "M_UNKNOWN_TOKEN"):
+        return False
+    response.soft_logout = False
+    return True

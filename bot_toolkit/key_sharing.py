@@ -72,7 +72,6 @@ from nio import (
     AsyncClient,
     ErrorResponse,
     KeysClaimResponse,
-    LocalProtocolError,
     ShareGroupSessionResponse,
     ToDeviceError,
     ToDeviceMessage,
@@ -81,9 +80,11 @@ from nio import (
 
 from bot_toolkit._nio_adapter import (
     NioHooks,
+    contain_soft_logout,
     ensure_supported,
     inbound_group_sessions,
     olm_encrypt,
+    share_room_key,
 )
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
@@ -689,38 +690,12 @@ class KeySharing:
             RoomKeysNotQueued: the keys could not be stored; nothing counts as shared, and
                 ``room_send`` raises instead of sending a message nobody could decrypt.
         """
-        client = self.client
-        olm = client.olm
-        if olm is None:
-            raise LocalProtocolError("the client has no Olm machine (store not loaded)")
-        room = client.rooms.get(room_id)
-        if room is None:
-            raise LocalProtocolError(f"No such room with id {room_id}")
-        if not room.encrypted:
-            raise LocalProtocolError(f"Room with id {room_id} is not encrypted")
-        if room_id in client.sharing_session:
-            raise LocalProtocolError(f"Already sharing a group session for {room_id}")
-        client.sharing_session[room_id] = asyncio.Event()
-        shared: set[tuple[str, str]] = set()
-        try:
-            missing = client.get_missing_sessions(room_id)
-            if missing:
-                await client.keys_claim(missing)
-            messages: dict[str, dict[str, Any]] = {}
-            for sharing_with, to_device in olm.share_group_session_parallel(
-                room_id, list(room.users), ignore_unverified_devices=ignore_unverified_devices
-            ):
-                shared |= sharing_with
-                for user_id, devices in to_device["messages"].items():
-                    messages.setdefault(user_id, {}).update(devices)
-            session = olm.outbound_group_sessions[room_id]
-            if shared:
-                await self._queue_room_keys(olm, room_id, session, shared, messages)
-            session.users_shared_with.update(shared)
-            session.shared = True
-        finally:
-            client.sharing_session.pop(room_id).set()
-        return ShareGroupSessionResponse(room_id, shared)
+        olm = self.client.olm
+
+        async def store(session: Any, shared: set[tuple[str, str]], messages: Any) -> None:
+            await self._queue_room_keys(olm, room_id, session, shared, messages)
+
+        return await share_room_key(self.client, room_id, ignore_unverified_devices, store)
 
     async def _queue_room_keys(
         self,
@@ -890,19 +865,9 @@ class KeySharing:
         return receive_response
 
     def _contain_soft_logout(self, response: ErrorResponse) -> None:
-        """Keep nio from clearing the access token on anything but a real soft logout.
-
-        nio 0.26 sets ``client.access_token = ""`` for any error response whose
-        ``soft_logout`` is truthy. ``ShareGroupSessionError.from_dict`` (nio 0.26.0,
-        ``nio/responses.py``) passes ``room_id`` and the device set positionally into
-        ``retry_after_ms`` and ``soft_logout``, so any JSON error answer to a room-key request
-        logs the bot out. Only ``soft_logout: true`` with ``M_UNKNOWN_TOKEN`` is what the spec
-        calls a soft logout.
-        """
         flag = response.soft_logout
-        if flag is False or (flag is True and response.status_code == "M_UNKNOWN_TOKEN"):
+        if not contain_soft_logout(response):
             return
-        response.soft_logout = False
         self._m_soft_logout.inc()
         log.warning(
             "nio read soft_logout (a %s) from a %s with errcode %s; the access token is kept",
@@ -1115,7 +1080,7 @@ class KeySharing:
             or record.curve25519 != device.curve25519
         ):
             return False
-        inbound = _room_sessions(olm.inbound_group_store, body.room_id)
+        inbound = inbound_group_sessions(olm.inbound_group_store, body.room_id)
         group_session = inbound.get(own_curve, {}).get(body.session_id)
         if group_session is None:
             return False
@@ -1146,7 +1111,7 @@ class KeySharing:
             "session_id": body.session_id,
             "session_key": group_session.export_session(index),
         }
-        envelope = olm._olm_encrypt(session, device, "m.forwarded_room_key", content)
+        envelope = olm_encrypt(olm, session, device, "m.forwarded_room_key", content)
         await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
         self._m_forwarded.inc("sent")
         log.info(
