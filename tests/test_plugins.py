@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nio import MatrixRoom, RoomMessageNotice, RoomMessageText
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    MatrixRoom,
+    RoomMessageNotice,
+    RoomMessageText,
+    SyncResponse,
+)
 
 from bot_toolkit.config import ConfigError, PluginsConfig, load_config
 from bot_toolkit.dispatcher import Dispatcher
@@ -28,6 +35,7 @@ from bot_toolkit.plugins import ping
 from bot_toolkit.room_messages import (
     Command,
     RoomMessage,
+    RoomMessageFeed,
     SenderTrust,
     parse_command,
     reply_content,
@@ -440,3 +448,89 @@ def test_readme_plugin_is_the_example_file_and_loads(
     (plugin,) = load_plugins(cfg)
     assert plugin.config.greeting == "hi"
     assert len(plugin._start) == len(plugin._stop) == 1
+
+
+# ---- the feed, through nio's own sync handling (no network)
+
+
+def _sync(events: list[dict[str, Any]], batch: str) -> SyncResponse:
+    room = {
+        "timeline": {"events": events, "limited": False, "prev_batch": "p0"},
+        "state": {"events": []},
+        "ephemeral": {"events": []},
+        "account_data": {"events": []},
+        "summary": {},
+        "unread_notifications": {},
+    }
+    response = SyncResponse.from_dict(
+        {
+            "next_batch": batch,
+            "rooms": {"join": {"!r:localhost": room}, "invite": {}, "leave": {}},
+            "to_device": {"events": []},
+            "presence": {"events": []},
+            "account_data": {"events": []},
+            "device_lists": {"changed": [], "left": []},
+            "device_one_time_keys_count": {},
+        }
+    )
+    assert isinstance(response, SyncResponse), response
+    return response
+
+
+def _wire(event_id: str, sender: str, ts: int, content: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": sender,
+        "origin_server_ts": ts,
+        "content": content,
+    }
+
+
+async def test_feed_skips_own_and_old_messages_and_keeps_order() -> None:
+    client = AsyncClient(
+        "http://127.0.0.1:1", "@bot:localhost", config=AsyncClientConfig(encryption_enabled=False)
+    )
+    client.restore_login("@bot:localhost", "BOTDEVICE", "not-a-real-token")
+    metrics = Metrics()
+    dispatcher = Dispatcher(metrics)
+    got: list[RoomMessage] = []
+
+    @dispatcher.on(RoomMessage)
+    async def record(msg: RoomMessage) -> None:
+        got.append(msg)
+
+    feed = RoomMessageFeed(client, dispatcher, since_ms=1_000)
+    await dispatcher.start()
+    try:
+        text = {"msgtype": "m.text", "body": "!ping"}
+        await client.receive_response(
+            _sync(
+                [
+                    _wire("$old", "@alice:localhost", 999, text),  # before the feed started
+                    _wire("$own", "@bot:localhost", 2_000, text),  # the bot's own message
+                    _wire("$new", "@alice:localhost", 2_000, text),
+                    _wire("$emote", "@alice:localhost", 2_001, {"msgtype": "m.emote", "body": "w"}),
+                    _wire("$image", "@alice:localhost", 2_002, {"msgtype": "m.image", "body": "i"}),
+                ],
+                "s1",
+            )
+        )  # fmt: skip
+        async with asyncio.timeout(10):
+            assert await dispatcher.join()
+        feed.detach()
+        await client.receive_response(
+            _sync([_wire("$late", "@alice:localhost", 3_000, text)], "s2")
+        )
+        async with asyncio.timeout(10):
+            assert await dispatcher.join()
+    finally:
+        await dispatcher.close(5)
+        await client.close()
+    assert [(m.event_id, m.msgtype, m.encrypted) for m in got] == [
+        ("$new", "m.text", False),
+        ("$emote", "m.emote", False),
+    ]
+    counted = metrics.get("room_messages_total")
+    assert counted is not None
+    assert (counted.get("old"), counted.get("own"), counted.get("dispatched")) == (1, 1, 2)
