@@ -23,15 +23,21 @@ import pytest
 import vodozemac
 from nio import (
     AsyncClient,
+    ErrorResponse,
     ForwardedRoomKeyEvent,
     MegolmEvent,
     RoomKeyEvent,
     RoomMessageText,
     RoomSendResponse,
+    ShareGroupSessionError,
     SyncResponse,
+    ToDeviceError,
+    ToDeviceMessage,
+    ToDeviceResponse,
     WhoamiResponse,
 )
 
+from bot_toolkit import key_sharing
 from tests.bot_process import BotProcess, room_with
 from tests.fault_proxy import Fault, FaultProxy
 from tests.nio_helpers import (
@@ -43,9 +49,10 @@ from tests.nio_helpers import (
 )
 from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse
+from tests.test_key_sharing import BOT_DEVICE, FakeOutbox, Offline, offline
 from tests.test_outbox_faults import ROOT, Child, _read_line, _stop
 
-pytestmark = pytest.mark.synapse
+__all__ = ["offline"]  # the fixture, imported from test_key_sharing
 
 ROOM_KEY_PUT = "/sendToDevice/m.room.encrypted/"
 
@@ -145,6 +152,7 @@ async def _say(bot: BotProcess, room_id: str, text: str) -> tuple[str, str]:
     return res.event_id, session.id
 
 
+@pytest.mark.synapse
 @pytest.mark.parametrize(
     "fault", FIRST_ROOM_KEY_REQUEST_GETS.values(), ids=FIRST_ROOM_KEY_REQUEST_GETS.keys()
 )
@@ -176,6 +184,7 @@ async def test_first_room_key_request_fails(
         await close_clients(peer)
 
 
+@pytest.mark.synapse
 async def test_key_request_for_a_session_meant_for_the_device_is_answered_with_the_key(
     synapse: LocalSynapse, tmp_path: Path
 ) -> None:
@@ -265,6 +274,7 @@ HELD_ROOM_KEYS = {
 }
 
 
+@pytest.mark.synapse
 @pytest.mark.parametrize("held", HELD_ROOM_KEYS.values(), ids=HELD_ROOM_KEYS.keys())
 async def test_sigkill_between_session_creation_and_key_delivery(
     synapse: LocalSynapse, tmp_path: Path, proxy: FaultProxy, held: Fault
@@ -329,3 +339,83 @@ async def test_sigkill_between_session_creation_and_key_delivery(
             await bot.stop()
     finally:
         await close_clients(peer)
+
+
+# ------------------------------------------------------------------ offline: nio's queue, tokens
+
+
+class _BrokenOutbox(FakeOutbox):
+    async def send(self, *args: Any, **kwargs: Any) -> list[str]:
+        raise RuntimeError("disk full")
+
+
+async def test_nio_queued_to_device_messages_go_through_the_outbox(offline: Offline) -> None:
+    outbox = FakeOutbox()
+    sharing = await key_sharing.attach(
+        offline.client, store=offline.store, outbox=outbox, dispatcher=offline.dispatcher
+    )
+    try:
+        content = {"action": "request_cancellation", "request_id": "r1"}
+        content["requesting_device_id"] = BOT_DEVICE
+        queued = ToDeviceMessage("m.room_key_request", "@p:example.org", "PDEV", content)
+        offline.olm.outgoing_to_device_messages.append(queued)
+        responses = await offline.client.send_to_device_messages()
+        assert [type(r) for r in responses] == [ToDeviceResponse]
+        assert outbox.sent == [("m.room_key_request", {"@p:example.org": {"PDEV": content}}, None)]
+        assert offline.client.outgoing_to_device_messages == []  # nio counts it as sent
+
+        direct = ToDeviceMessage("org.example.ping", "@p:example.org", "PDEV", {"n": 1})
+        assert isinstance(await offline.client.to_device(direct, "txn-1"), ToDeviceResponse)
+        assert outbox.sent[-1] == (
+            "org.example.ping",
+            {"@p:example.org": {"PDEV": {"n": 1}}},
+            "txn-1",
+        )
+    finally:
+        await sharing.close()
+
+
+async def test_a_message_the_outbox_did_not_store_stays_in_nios_queue(offline: Offline) -> None:
+    sharing = await key_sharing.attach(
+        offline.client, store=offline.store, outbox=_BrokenOutbox(), dispatcher=offline.dispatcher
+    )
+    try:
+        queued = ToDeviceMessage("org.example.ping", "@p:example.org", "PDEV", {"n": 1})
+        offline.olm.outgoing_to_device_messages.append(queued)
+        [response] = await offline.client.send_to_device_messages()
+        assert isinstance(response, ToDeviceError)
+        assert response.to_device_message is queued
+        assert offline.client.outgoing_to_device_messages == [queued]  # tried again next time
+    finally:
+        await sharing.close()
+
+
+async def test_only_a_real_unknown_token_soft_logout_clears_the_token(offline: Offline) -> None:
+    client = offline.client
+    sharing = await key_sharing.attach(
+        client, store=offline.store, outbox=FakeOutbox(), dispatcher=offline.dispatcher
+    )
+    try:
+        # nio 0.26's defect: the device set lands in soft_logout, the room id in retry_after_ms.
+        misparsed = ShareGroupSessionError.from_dict(
+            {"errcode": "M_UNKNOWN", "error": "Internal error"},
+            "!room:example.org",
+            {("@p:example.org", "PDEV")},
+        )
+        assert misparsed.soft_logout == {("@p:example.org", "PDEV")}
+        await client.receive_response(misparsed)
+        assert client.access_token == "not-a-token"
+        assert misparsed.soft_logout is False
+        wrong_code = ErrorResponse("throttled", "M_LIMIT_EXCEEDED", 500, True)
+        await client.receive_response(wrong_code)
+        assert client.access_token == "not-a-token"
+        ignored = offline.metrics.get("nio_soft_logout_ignored_total")
+        assert ignored is not None and ignored.get() == 2
+
+        real = ErrorResponse.from_dict(
+            {"errcode": "M_UNKNOWN_TOKEN", "error": "expired", "soft_logout": True}
+        )
+        await client.receive_response(real)
+        assert client.access_token == ""
+    finally:
+        await sharing.close()
