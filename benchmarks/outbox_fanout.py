@@ -101,9 +101,12 @@ class _CountingTransport:
         await self.inner.send_to_device(event_type, txn_id, messages)
 
 
-async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _post(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], token: str | None = None
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     for attempt in range(5):
-        async with http.post(url, json=body) as resp:
+        async with http.post(url, json=body, headers=headers) as resp:
             data: dict[str, Any] = await resp.json()
             if resp.status == 200:
                 return data

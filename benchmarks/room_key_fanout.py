@@ -139,22 +139,6 @@ def _keys_body(member: Member, one_time_keys: int) -> dict[str, Any]:
     return {"device_keys": device_keys, "one_time_keys": otks}
 
 
-async def _authed(
-    http: aiohttp.ClientSession, method: str, url: str, token: str, body: Any = None
-) -> dict[str, Any]:
-    for attempt in range(5):
-        async with http.request(
-            method, url, json=body, headers={"Authorization": f"Bearer {token}"}
-        ) as resp:
-            data: dict[str, Any] = await resp.json(content_type=None)
-            if resp.status == 200:
-                return data
-            if resp.status != 429 or attempt == 4:
-                raise RuntimeError(f"{method} {url} -> {resp.status}: {data}")
-            await asyncio.sleep(data.get("retry_after_ms", 500) / 1000)
-    raise AssertionError("unreachable")
-
-
 async def _bounded(parallel: int, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     sem = asyncio.Semaphore(parallel)
 
@@ -193,18 +177,14 @@ async def build_world(
     upload = hs + "/_matrix/client/v3/keys/upload"
     await _bounded(
         parallel,
-        [
-            lambda m=m: _authed(http, "POST", upload, m.device.token, _keys_body(m, bots))
-            for m in members
-        ],
+        [lambda m=m: _post(http, upload, _keys_body(m, bots), m.device.token) for m in members],
     )
     encryption = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": MEGOLM}}
-    created = await _authed(
+    created = await _post(
         http,
-        "POST",
         hs + "/_matrix/client/v3/createRoom",
-        bot_devices[0].token,
         {"preset": "public_chat", "initial_state": [encryption]},
+        bot_devices[0].token,
     )
     room_id: str = created["room_id"]
     joiners: dict[str, str] = {d.user_id: d.token for d in devices}
@@ -212,7 +192,7 @@ async def build_world(
     join = f"{hs}/_matrix/client/v3/join/{room_id}"
     await _bounded(
         min(parallel, 8),
-        [lambda t=t: _authed(http, "POST", join, t, {}) for t in joiners.values()],
+        [lambda t=t: _post(http, join, {}, t) for t in joiners.values()],
     )
     return members, bot_devices, room_id
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from bot_toolkit import ToDeviceEvent, UnknownToDeviceEvent, decode
+from tests.bench_loader import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_dispatch.py"
 TINY: dict[str, int] = {
     "passes": 1,
     "rounds": 1,
@@ -26,13 +23,7 @@ TINY: dict[str, int] = {
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("decode_dispatch_bench", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("decode_dispatch.py", "decode_dispatch_bench")
 
 
 def test_mix_is_decodable_sync_dicts(bench: ModuleType) -> None:

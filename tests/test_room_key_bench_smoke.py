@@ -3,29 +3,19 @@ and delivery only, never wall-clock."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.bench_loader import load_benchmark
 from tests.synapse import LocalSynapse
 
 pytestmark = pytest.mark.synapse
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "room_key_fanout.py"
-
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("room_key_fanout_bench", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("room_key_fanout.py", "room_key_fanout_bench")
 
 
 async def test_tiny_room_key_fanout(bench: ModuleType, synapse: LocalSynapse) -> None:
