@@ -85,8 +85,8 @@ _LAZY: dict[str, str] = {
     "OutboxFull": "bot_toolkit.outbox",
     "StoreError": "bot_toolkit.store",
     # the install's store secret (nio's pickle key, other key stores)
-    "STORE_PASSPHRASE_ENV": "bot_toolkit.store_secret",
-    "store_secret": "bot_toolkit.store_secret",
+    "STORE_PASSPHRASE_ENV": "bot_toolkit.install_secret",
+    "store_secret": "bot_toolkit.install_secret",
 }
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ if TYPE_CHECKING:
         HandlerCancelled,
         HandlerTimeout,
     )
+    from bot_toolkit.install_secret import STORE_PASSPHRASE_ENV, store_secret
     from bot_toolkit.metrics import Metrics
     from bot_toolkit.outbox import OutboxClosed, OutboxFull, OutboxSendFailed
     from bot_toolkit.plugin_host import Plugin, PluginError
@@ -107,7 +108,6 @@ if TYPE_CHECKING:
         parse_command,
     )
     from bot_toolkit.store import StoreError
-    from bot_toolkit.store_secret import STORE_PASSPHRASE_ENV, store_secret
     from bot_toolkit.toolkit import BotToolkit, Settings, ToolkitError
     from bot_toolkit.undecodable import UndecodableEvent
     from bot_toolkit.verification.lifecycle import (

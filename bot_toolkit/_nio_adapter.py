@@ -35,6 +35,7 @@ from typing import Any, Final, Literal, Protocol
 
 from nio import AsyncClient, ErrorResponse, LocalProtocolError, ShareGroupSessionResponse
 from nio.crypto import DeviceStore, GroupSessionStore, Olm, SessionStore
+from nio.store import MatrixStore
 
 from bot_toolkit._patching import HookSet
 
@@ -67,6 +68,7 @@ OWNERS: Final[Mapping[str, type]] = {
     "GroupSessionStore": GroupSessionStore,
     "DeviceStore": DeviceStore,
     "SessionStore": SessionStore,
+    "MatrixStore": MatrixStore,
 }
 """The nio classes whose names the contract lists, by the name the contract uses."""
 
@@ -121,6 +123,17 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         "every wire to-device event: nio parses request/ready/done/withheld as unknown "
         "(matrix-nio#430) and lets vodozemac's DecodeException for a malformed Olm body end "
         f"sync_forever ({_NO_ISSUE})",
+        defect=True,
+    ),
+    NioName(
+        "MatrixStore",
+        "save_sync_token",
+        "function",
+        ("token",),
+        "patch",
+        "nio 0.26 saves the sync token before its handlers ran, so a crash between the two loses "
+        "that batch's to-device events: with the durable inbound queue the save waits until the "
+        f"batch is committed to bot_toolkit's store ({_NO_ISSUE})",
         defect=True,
     ),
     NioName(

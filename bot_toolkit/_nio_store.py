@@ -1,4 +1,4 @@
-"""nio's crypto store under the install's own pickle key (see :mod:`bot_toolkit.store_secret`).
+"""nio's crypto store under the install's own pickle key (see :mod:`bot_toolkit.install_secret`).
 
 nio pickles the Olm account, the Olm sessions and the inbound Megolm sessions with
 ``AsyncClientConfig.pickle_key`` (default ``"DEFAULT_KEY"``, public). :func:`adopt_pickle_key`

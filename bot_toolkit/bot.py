@@ -71,16 +71,16 @@ from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
 from bot_toolkit.identity import identity_for
 from bot_toolkit.identity.startup import IdentityOptions, IdentityStartup
-from bot_toolkit.logging_setup import active_redactor
-from bot_toolkit.metrics import Metrics
-from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
-from bot_toolkit.store import StoreError
-from bot_toolkit.store_secret import (
+from bot_toolkit.install_secret import (
     STORE_KEY_FILE,
     STORE_PASSPHRASE_ENV,
     store_secret,
     write_private,
 )
+from bot_toolkit.logging_setup import active_redactor
+from bot_toolkit.metrics import Metrics
+from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
+from bot_toolkit.store import StoreError
 from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
     SasPrompt,

@@ -179,6 +179,7 @@ class Dispatcher:
         self._middleware: list[Callable[[Any, CallNext], Awaitable[None]]] = []
         self._chain: CallNext = self._run_handlers
         self._error_handlers: dict[type[BaseException], list[_Handler]] = {}
+        self._handled_listeners: list[Callable[[object], None]] = []
 
         self._pending: dict[Hashable, deque[object]] = {}  # key -> its waiting events
         self._ready: deque[Hashable] = deque()  # keys with events and no worker on them
@@ -267,6 +268,18 @@ class Dispatcher:
             chain = _bind(outer, chain)
         self._chain = chain
         return mw
+
+    def add_handled_listener(self, listener: Callable[[object], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` once every handler (and middleware) of an event is done,
+        whatever they did; returns a function that removes it. An exception from the listener
+        is logged. (The durable inbound queue forgets an event there.)"""
+        self._handled_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._handled_listeners.remove(listener)
+
+        return remove
 
     def on_error(self, exc_cls: type[X]) -> Callable[[HandlerT], HandlerT]:
         """Decorator: ``async def eh(event, exc)`` for handler failures of ``exc_cls``.
@@ -579,6 +592,11 @@ class Dispatcher:
                 await self._chain(event)
             except Exception as exc:  # only middleware gets here: _run_handlers never raises
                 await self._failed(self._middleware_name(exc), event, exc)
+            for listener in self._handled_listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    logger.exception("a handled-event listener failed")
             self._in_flight -= 1
             self._handled += 1
             if queue:

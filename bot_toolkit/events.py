@@ -109,6 +109,11 @@ class ToDeviceEvent(msgspec.Struct, frozen=True, kw_only=True):
 
     sender: str
     decrypted_from: str | None = None
+    inbound_id: str | None = None
+    """The event's stable id in the durable inbound queue (see :mod:`bot_toolkit.inbound_queue`):
+    the same when the event is handed over again after a restart, so a handler can tell a
+    replay. ``None`` for an event that did not come through the queue. Never part of the
+    content."""
 
     def __repr__(self) -> str:
         secret = self._secret_fields
@@ -693,6 +698,11 @@ def _field(event_type: str | None, raw: dict[Any, Any], name: str, cls: type, ex
     raise DecodeError(event_type, name, f"Expected `{expected}`, got `{_json_type(value)}`")
 
 
+def _envelope_fields(sender: str, decrypted_from: str | None) -> dict[str, Any]:
+    """The fields that come from the envelope, never from content keys of the same name."""
+    return {"sender": sender, "decrypted_from": decrypted_from, "inbound_id": None}
+
+
 def _decode_content(
     event_type: str, sender: str, content: dict[str, Any], decrypted_from: str | None
 ) -> ToDeviceEvent:
@@ -703,7 +713,7 @@ def _decode_content(
     if verification is not None:
         try:
             event: VerificationEvent = _convert(
-                {**content, "sender": sender, "decrypted_from": decrypted_from}, verification
+                {**content, **_envelope_fields(sender, decrypted_from)}, verification
             )
         except _ValidationError as exc:
             raise _error_from_msgspec(event_type, exc) from None
@@ -713,12 +723,12 @@ def _decode_content(
     plain = _PLAIN.get(event_type)
     if plain is not None:
         try:
-            return _convert({**content, "sender": sender, "decrypted_from": decrypted_from}, plain)
+            return _convert({**content, **_envelope_fields(sender, decrypted_from)}, plain)
         except _ValidationError as exc:
             raise _error_from_msgspec(event_type, exc) from None
     special = _SPECIAL.get(event_type)
     if special is not None:
-        return special(event_type, {**content, "sender": sender, "decrypted_from": decrypted_from})
+        return special(event_type, {**content, **_envelope_fields(sender, decrypted_from)})
     for key in content:
         if not isinstance(key, str):
             raise DecodeError(event_type, "content", "Expected `str` (in an object key)")
@@ -805,7 +815,7 @@ def decode(
         raise DecodeError(event_type, "", reason[:500]) from exc
 
 
-_NOT_CONTENT = frozenset({"sender", "decrypted_from"})
+_NOT_CONTENT = frozenset({"sender", "decrypted_from", "inbound_id"})
 
 
 def encode_content(event: ToDeviceEvent) -> dict[str, Any]:

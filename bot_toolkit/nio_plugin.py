@@ -88,6 +88,7 @@ from nio import AsyncClient, KeysQueryError
 from nio.exceptions import VerificationError
 
 from bot_toolkit import events as _events
+from bot_toolkit._inbound_link import InboundLink
 from bot_toolkit._json_depth import exceeds_depth
 from bot_toolkit._nio_adapter import NioHooks, drop_empty_entries, ensure_supported
 from bot_toolkit._nio_identity import (
@@ -100,6 +101,7 @@ from bot_toolkit._nio_identity import (
 from bot_toolkit._olm_checks import curve25519_problem, device_keys_problem, payload_problem
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
+from bot_toolkit.inbound_queue import InboundQueue
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.undecodable import UndecodableEvent, undecodable_from
 
@@ -259,6 +261,10 @@ class NioPlugin:
         self._unparsed: deque[object] = deque()
         self._envelope: _Envelope | None = None
         self._logged_decode_errors: set[tuple[str, str, str]] = set()
+        self._received: list[tuple[int, Mapping[str, Any] | None, str | None]] = []
+        """Per event of the batch being handled: wire position, raw form, Olm sender key."""
+        self._wire_index = -1
+        self._inbound: InboundLink | None = None
         try:
             self._hooks.install(client, "_handle_to_device", self._wrap_batch)
             self._hooks.install(client, "_handle_decrypt_to_device", self._wrap_event)
@@ -280,6 +286,36 @@ class NioPlugin:
         self._attached = False
         self._hooks.undo()
         self._olm = None
+        if self._inbound is not None:
+            self._inbound.unlink()
+
+    # ----------------------------------------------------------------- durable inbound
+
+    async def use_inbound_queue(self, queue: InboundQueue) -> int:
+        """Commit each sync's to-device batch to ``queue`` before nio saves its sync token (see
+        :mod:`bot_toolkit.inbound_queue`). Call once, after login (nio's store must be loaded)
+        and before the first sync. Returns how many events wait from the last run: hand them
+        over with :meth:`replay_inbound` once the handlers are registered.
+        """
+        if self._inbound is not None:
+            raise RuntimeError("an inbound queue is already in use")
+        if self.client.store is None:
+            raise RuntimeError("log in (or restore_login) before using the inbound queue")
+        waiting = await queue.open()
+        self._inbound = InboundLink(self, queue)
+        return waiting
+
+    async def replay_inbound(self) -> int:
+        """Hand the events the last run stored but did not finish to the dispatcher again, in
+        arrival order, each with its ``inbound_id``. Returns how many."""
+        if self._inbound is None:
+            return 0
+        return await self._inbound.replay()
+
+    async def close_inbound(self) -> None:
+        """Flush acknowledgements of handled events (call before closing the store)."""
+        if self._inbound is not None:
+            await self._inbound.close()
 
     # ----------------------------------------------------------------- decode hooks
 
@@ -345,6 +381,7 @@ class NioPlugin:
             unparsed = await self._recover_unparsed(response)
             outer = self._batch, self._unparsed
             self._batch, self._unparsed = batch, unparsed
+            self._received, self._wire_index = [], -1
             try:
                 await original(response)
             except BaseException:
@@ -352,6 +389,8 @@ class NioPlugin:
                 self._hand_over_nowait(batch, 0)
                 raise
             self._batch, self._unparsed = outer
+            if self._inbound is not None:
+                batch = await self._inbound.persist(batch, self._received)
             await self._hand_over(batch)
 
         return handle_to_device
@@ -361,6 +400,7 @@ class NioPlugin:
             if not self._attached:
                 return original(event)
             self._hook_olm()
+            self._wire_index += 1
             raw = getattr(event, "source", None)
             if event is None and self._unparsed:
                 raw = self._unparsed.popleft()
@@ -505,6 +545,7 @@ class NioPlugin:
             if envelope is not None:
                 envelope.decrypted = True
             event = None
+            raw: dict[str, Any] | None = None
             try:
                 # Decoded before nio runs: nio mutates some payloads (forwarded key chains).
                 content = payload.get("content")
@@ -521,7 +562,7 @@ class NioPlugin:
                 return original(sender, sender_key, payload)
             finally:
                 if event is not None:
-                    self._emit(event, "decrypted")
+                    self._emit(event, "decrypted", raw, sender_key)
 
         return handle_olm_event
 
@@ -575,7 +616,7 @@ class NioPlugin:
                 return
             event = self._decode(raw, None)
             if event is not None:
-                self._emit(event, "plaintext" if envelope is None else "undecrypted")
+                self._emit(event, "plaintext" if envelope is None else "undecrypted", raw)
                 if (
                     envelope is not None
                     and not envelope.rejected
@@ -602,6 +643,13 @@ class NioPlugin:
         if self._envelope is not None:
             self._envelope.rejected = True
         logger.warning("discarded a decrypted Olm payload from %s: %s", sender, reason)
+
+    def decode_stored(
+        self, raw: dict[str, Any], decrypted_from: str | None
+    ) -> ToDeviceEvent | None:
+        """Decode an event stored by the inbound queue as a received one is decoded (listeners
+        included); ``None`` when nothing is dispatched for it."""
+        return self._decode(raw, decrypted_from)
 
     def _decode(self, raw: dict[str, Any], decrypted_from: str | None) -> ToDeviceEvent | None:
         """The typed event (or its :class:`UndecodableEvent`); ``None`` when none is dispatched."""
@@ -640,12 +688,19 @@ class NioPlugin:
                 exc.reason,
             )
 
-    def _emit(self, event: ToDeviceEvent, source: str) -> None:
+    def _emit(
+        self,
+        event: ToDeviceEvent,
+        source: str,
+        raw: Mapping[str, Any] | None = None,
+        decrypted_from: str | None = None,
+    ) -> None:
         if isinstance(event, UndecodableEvent):
             source = "undecodable"
         self._m_events.inc(source)
         if self._batch is not None:
             self._batch.append(event)
+            self._received.append((self._wire_index, raw, decrypted_from))
         else:  # outside a sync's to-device section (nio called its hooks from elsewhere)
             self._hand_over_nowait([event], 0)
 

@@ -18,14 +18,17 @@ What :meth:`BotToolkit.start` does, in order (and :meth:`BotToolkit.close` undoe
 2. attaches the nio plugin to the client (every to-device event reaches the dispatcher; with a
    verification policy nio's own SAS reaction is switched off, so the two never both answer);
 3. opens the store ``<data_dir>/bot_toolkit.sqlite3`` (outbox queue, ``m.no_olm`` ledger,
-   verification restart table);
+   verification restart table) and puts the durable inbound queue in it (each sync's to-device
+   batch is committed before nio saves its sync token; see :mod:`bot_toolkit.inbound_queue`);
 4. starts the outbox, sending over HTTP with the client's own homeserver and access token (it
    runs before key sharing and verification: both may send while they start);
 5. attaches key sharing (unless ``key_sharing=None``), which resends notices a crash left;
 6. creates the verification manager (with a policy), connected to the plugin (malformed
    verification events cancel with ``m.invalid_message``; the SAS commitment covers the raw
    start), and starts it (restart cancels for transactions a previous run left open);
-7. starts the dispatcher (handlers registered with :meth:`BotToolkit.on` run from now on);
+7. starts the dispatcher (handlers registered with :meth:`BotToolkit.on` run from now on) and
+   hands it the to-device events a previous run stored but did not finish (``inbound_id`` tells
+   a replay);
 8. uploads the device keys if nio says they are not on the server yet (Element can only verify
    a device whose keys it can see).
 
@@ -60,6 +63,8 @@ from bot_toolkit.identity.api import IdentityApi
 from bot_toolkit.identity.nio_glue import identity_for, nio_requester
 from bot_toolkit.identity.service import Identity
 from bot_toolkit.identity.trust import CrossSigningTrust
+from bot_toolkit.inbound_queue import InboundQueue
+from bot_toolkit.install_secret import store_secret
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.outbox import HttpTransport, Outbox
 from bot_toolkit.store import Store
@@ -311,6 +316,9 @@ class BotToolkit:
         store = await Store.open_in(self._data_dir)
         self._store = store
         stack.push_async_callback(self._step, "store close", store.close)
+        secret = await asyncio.to_thread(store_secret, self._data_dir)
+        waiting = await plugin.use_inbound_queue(InboundQueue(store, secret, self._metrics))
+        stack.push_async_callback(self._step, "inbound queue close", plugin.close_inbound)
         transport = HttpTransport(client.homeserver, client.access_token, self._http_session)
         stack.push_async_callback(self._step, "transport close", transport.close)
         s = self._settings
@@ -357,6 +365,8 @@ class BotToolkit:
             stack.push_async_callback(self._step, "verification close", manager.close)
             await manager.start()
         await self._dispatcher.start()
+        if waiting:
+            await plugin.replay_inbound()  # before the first sync: nothing a crash left is lost
         stack.push_async_callback(self._step, "dispatcher close", self._close_dispatcher)
         if client.should_upload_keys:
             upload = await client.keys_upload()

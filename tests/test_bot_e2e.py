@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import pytest
 
-from bot_toolkit.store_secret import store_secret
+from bot_toolkit.install_secret import store_secret
 from tests.bot_helpers import BotRun, TcpForwarder, metric, new_admin_token, write_config
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.nio_helpers import stored_trust

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from nio import AsyncClient, AsyncClientConfig
 from nio.crypto import DeviceStore, GroupSessionStore, Olm, SessionStore
+from nio.store import MatrixStore
 
 from bot_toolkit import BotToolkit, Dispatcher, key_sharing, nio_plugin
 from bot_toolkit import _nio_adapter as adapter
@@ -27,6 +28,7 @@ EXPECTED: list[tuple[str, str, str, tuple[str, ...] | None, str]] = [
     ("AsyncClient", "_handle_to_device", "coroutine", ("response",), "patch"),
     ("AsyncClient", "_handle_decrypt_to_device", "function", ("to_device_event",), "patch"),
     ("AsyncClient", "keys_query", "coroutine", (), "patch"),
+    ("MatrixStore", "save_sync_token", "function", ("token",), "patch"),
     (
         "AsyncClient",
         "share_group_session",
@@ -68,6 +70,7 @@ EXPECTED: list[tuple[str, str, str, tuple[str, ...] | None, str]] = [
 DEFECTS = {
     "AsyncClient._handle_decrypt_to_device",
     "AsyncClient.keys_query",
+    "MatrixStore.save_sync_token",
     "AsyncClient.share_group_session",
     "AsyncClient.keys_claim",
     "AsyncClient.receive_response",
@@ -87,6 +90,7 @@ CLASSES: dict[str, type] = {
     "GroupSessionStore": GroupSessionStore,
     "DeviceStore": DeviceStore,
     "SessionStore": SessionStore,
+    "MatrixStore": MatrixStore,
 }
 
 

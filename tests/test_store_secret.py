@@ -12,7 +12,7 @@ from nio import AsyncClient, AsyncClientConfig
 from nio.crypto import OlmAccount
 
 from bot_toolkit._nio_store import NIO_DEFAULT_PICKLE_KEY, WrongStoreSecret, adopt_pickle_key
-from bot_toolkit.store_secret import (
+from bot_toolkit.install_secret import (
     STORE_KEY_FILE,
     STORE_PASSPHRASE_ENV,
     store_secret,

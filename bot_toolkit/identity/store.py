@@ -25,7 +25,7 @@ from bot_toolkit.encoding import Base64Error, decode_b64, unpadded_b64
 from bot_toolkit.identity.errors import IdentityError
 from bot_toolkit.identity.keys import CrossSigningKeys
 from bot_toolkit.identity.signing import SigningKey
-from bot_toolkit.store_secret import write_private
+from bot_toolkit.install_secret import write_private
 
 __all__ = [
     "IDENTITY_FILE",
@@ -64,7 +64,7 @@ class StoredIdentity:
 
 def write_secret_file(path: Path, text: str) -> None:
     """Write ``text`` atomically to ``path`` with mode 0600 (the temporary file too), the file
-    and its directory fsynced (see :func:`bot_toolkit.store_secret.write_private`)."""
+    and its directory fsynced (see :func:`bot_toolkit.install_secret.write_private`)."""
     write_private(path, text.encode())
 
 

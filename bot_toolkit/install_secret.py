@@ -38,7 +38,7 @@ __all__ = [
     "write_private",
 ]
 
-log = logging.getLogger("bot_toolkit.store_secret")
+log = logging.getLogger("bot_toolkit.install_secret")
 
 STORE_PASSPHRASE_ENV: Final = "BOT_TOOLKIT_STORE_PASSPHRASE"
 """Environment variable with an operator-chosen store passphrase (wins over the key file)."""
