@@ -80,8 +80,9 @@ class DeviceSigner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class EnsureResult:
-    """What :meth:`Identity.ensure` found or did. ``recovery_key`` is set only when a new
-    identity was created now: show it to the operator once; it is a secret."""
+    """What :meth:`Identity.ensure` found or did. ``recovery_key`` is set when a new identity
+    was created (now, or by an earlier run that did not finish): show it to the operator, then
+    call :meth:`Identity.acknowledge_recovery_key`. It is a secret."""
 
     state: IdentityState
     source: KeySource
@@ -167,14 +168,13 @@ class Identity:
             recovery_key = decode_recovery_key(recovery_key)
         pub = await self._published()
         stored = self.store.load(self.user_id)
-        new_recovery_key: str | None = None
         if pub.keys is None:
             if not bootstrap:
                 return self._not_signed(None, "the account has no cross-signing identity")
             if stored is None or stored.published:
                 # published=True but nothing on the server: the identity was deleted
                 # server-side; start over with new keys.
-                stored, new_recovery_key = self._new_identity()
+                stored = self._new_identity()
                 source = KeySource.CREATED
             else:
                 source = KeySource.CREATED
@@ -210,15 +210,15 @@ class Identity:
                 "key for it"
             )
             return self._not_signed(pub.keys.master, why)
-        return await self._finish(stored, pub, source, new_recovery_key)
+        return await self._finish(stored, pub, source)
 
-    def _new_identity(self) -> tuple[StoredIdentity, str]:
+    def _new_identity(self) -> StoredIdentity:
         keys = CrossSigningKeys.generate(self.user_id)
         key_id, storage_key = secret_storage.new_storage_key()
         stored = StoredIdentity(keys, False, storage_key, key_id)
         self.store.save(stored)  # before any upload: a retry reuses these keys
         log.info("identity: created new cross-signing keys (master %s)", keys.master.public_key)
-        return stored, encode_recovery_key(storage_key)
+        return stored
 
     @staticmethod
     def _matches(keys: CrossSigningKeys, published: PublishedKeys) -> bool:
@@ -252,17 +252,21 @@ class Identity:
         stored: StoredIdentity,
         pub: _Published,
         source: KeySource,
-        new_recovery_key: str | None,
     ) -> EnsureResult:
         assert pub.keys is not None
         keys = stored.keys
-        if stored.storage_key is not None and stored.storage_key_id is not None:
-            await secret_storage.store_keys(
-                self.api, keys, stored.storage_key_id, stored.storage_key
-            )
-            stored = stored.with_(storage_key=None, storage_key_id=None)
-            self.store.save(stored)
-            log.info("identity: the cross-signing keys are in secret storage")
+        new_recovery_key = None
+        if stored.storage_key is not None:
+            # Returned by every run until acknowledge_recovery_key(): a run that fails after
+            # the secret storage was written must not lose it.
+            new_recovery_key = encode_recovery_key(stored.storage_key)
+            if stored.storage_key_id is not None:
+                await secret_storage.store_keys(
+                    self.api, keys, stored.storage_key_id, stored.storage_key
+                )
+                stored = stored.with_(storage_key_id=None)
+                self.store.save(stored)
+                log.info("identity: the cross-signing keys are in secret storage")
         await self._sign_device(keys, pub)
         self.keys = keys
         self.source = source
@@ -288,7 +292,7 @@ class Identity:
         self._check(keys, pub.keys)
         stored = StoredIdentity(keys, published=True)
         self.store.save(stored)
-        return await self._finish(stored, pub, source, None)
+        return await self._finish(stored, pub, source)
 
     # ----------------------------------------------------------------- uploads
 
@@ -359,6 +363,12 @@ class Identity:
         if uploads:
             await self.api.upload_signatures({self.user_id: uploads})
 
+    def acknowledge_recovery_key(self) -> None:
+        """The operator has the new recovery key: stop keeping (and returning) it."""
+        stored = self.store.load(self.user_id)
+        if stored is not None and stored.storage_key is not None and stored.storage_key_id is None:
+            self.store.save(stored.with_(storage_key=None))
+
     # ----------------------------------------------------------------- other users
 
     def user_signature(self, user_id: str, master_key_json: Mapping[str, Any]) -> dict[str, Any]:
@@ -380,15 +390,20 @@ class Identity:
 
     async def reset(self, *, password: str | None = None) -> EnsureResult:
         """Replace the identity with a new one (operator action: everyone who verified this
-        user sees an identity change). Returns the new recovery key in the result."""
-        self.store.remove()
-        stored, recovery = self._new_identity()
-        await self._upload(stored.keys, password)
-        stored = stored.with_(published=True)
+        user sees an identity change). The result carries the new recovery key.
+
+        The new keys replace the stored ones only after the homeserver accepted them: a reset
+        that fails (interactive auth refused, 5xx) leaves the bot with its old identity.
+        """
+        keys = CrossSigningKeys.generate(self.user_id)
+        key_id, storage_key = secret_storage.new_storage_key()
+        await self._upload(keys, password)
+        stored = StoredIdentity(keys, True, storage_key, key_id)
         self.store.save(stored)
         log.warning(
-            "identity: replaced the cross-signing identity (master %s)",
-            stored.keys.master.public_key,
+            "identity: replaced the cross-signing identity (new master key %s); users who "
+            "verified this account will see an identity change",
+            keys.master.public_key,
         )
         pub = await self._published()
-        return await self._finish(stored, pub, KeySource.CREATED, recovery)
+        return await self._finish(stored, pub, KeySource.CREATED)

@@ -141,6 +141,7 @@ class IdentityStartup:
                     "recovery_key) if its data directory is lost, or to Element to verify a new "
                     "session.\n",
                 )
+                self.identity.acknowledge_recovery_key()
                 log.warning(
                     "identity: a new recovery key was written to %s (mode 0600): store it "
                     "safely and delete the file",

@@ -7,8 +7,10 @@
 
 ``published`` is False between generating keys and the homeserver accepting them: a restart then
 uploads the same keys again instead of making new ones (never a half-made identity).
-``storage_key`` is kept only until the keys are in secret storage. Writes are atomic (temporary
-file, fsync, rename). Nothing here logs key material.
+``storage_key`` (the new secret storage key) is kept until the keys are in secret storage
+(``storage_key_id`` set: still to write) and the operator has the recovery key
+(:meth:`~bot_toolkit.identity.service.Identity.acknowledge_recovery_key`). Writes are atomic
+(temporary file, fsync, rename). Nothing here logs key material.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class IdentityStore:
             ) from None
 
     def save(self, stored: StoredIdentity) -> None:
-        """Write ``stored`` atomically with mode 0600."""
+        """Write ``stored`` atomically with mode 0600 (the directory made 0700 if missing)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = stored.keys
         data = {
             "version": _VERSION,
