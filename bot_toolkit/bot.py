@@ -48,7 +48,7 @@ import random
 import secrets
 import signal
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -793,6 +793,21 @@ class Bot:
         status, data = await self._request("PUT", path, content, token=client.access_token)
         if status != 200:
             raise RuntimeError(f"send answered {status} {data.get('errcode', '')}")
+
+    # ------------------------------------------------------------------ operator commands
+
+    @contextlib.asynccontextmanager
+    async def logged_in(self) -> AsyncIterator[AsyncClient]:
+        """Log in as :meth:`run` does (the same device and session), without syncing or
+        serving; for one-off operator commands such as ``bot-toolkit identity``."""
+        self._prepare_data_dir()
+        self._session = aiohttp.ClientSession()
+        try:
+            await self._login()
+            assert self.client is not None
+            yield self.client
+        finally:
+            await self._shutdown()
 
     # ------------------------------------------------------------------ shutdown
 

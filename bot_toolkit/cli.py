@@ -1,6 +1,7 @@
 """The ``bot-toolkit`` command (also ``python -m bot_toolkit``).
 
-Commands: ``run``, ``check-config``, ``demo``, ``healthcheck``; ``--version``.
+Commands: ``run``, ``check-config``, ``demo``, ``healthcheck``,
+``identity [status|bootstrap|recover|reset]``; ``--version``.
 The config file is ``-c FILE``, else ``$BOT_TOOLKIT_CONFIG``; with neither (or an empty
 ``BOT_TOOLKIT_CONFIG``) the configuration comes from the environment alone.
 
@@ -71,6 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     config_arg(sub.add_parser("run", help="log in, sync and serve HTTP until stopped"))
     config_arg(sub.add_parser("check-config", help="validate the configuration; no network"))
     sub.add_parser("demo", help="throwaway local Synapse, bot, scripted peer verifying by SAS")
+    ident = sub.add_parser(
+        "identity",
+        help="the bot's cross-signing identity: status, bootstrap, recover, reset",
+    )
+    config_arg(ident)
+    ident.add_argument(
+        "action",
+        nargs="?",
+        default="status",
+        metavar="ACTION",
+        help="status (the default), bootstrap, recover or reset",
+    )
+    ident.add_argument(
+        "--recovery-key-file", metavar="FILE", help="recover: read the recovery key from FILE"
+    )
+    ident.add_argument(
+        "--yes", action="store_true", help="reset: yes, replace the identity (users see a change)"
+    )
     health = sub.add_parser("healthcheck", help="GET /healthz of a running bot (for containers)")
     config_arg(health)
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
@@ -248,11 +267,41 @@ def _healthcheck(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _identity(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.format, secrets=config.secrets())
+    from bot_toolkit.identity.operator import (  # noqa: PLC0415 - nio only for this command
+        IdentityCommandError,
+        run_identity_command,
+    )
+
+    def start() -> int:
+        try:
+            _call(
+                functools.partial(
+                    run_identity_command,
+                    config,
+                    args.action,
+                    recovery_key_file=args.recovery_key_file,
+                    yes=args.yes,
+                )
+            )
+        except IdentityCommandError as e:
+            _err(f"identity {args.action}: {e}")
+            return EXIT_FATAL
+        return EXIT_OK
+
+    return _guarded("identity", start)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run,
     "check-config": _check_config,
     "demo": _demo,
     "healthcheck": _healthcheck,
+    "identity": _identity,
 }
 
 
