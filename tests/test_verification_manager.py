@@ -210,6 +210,8 @@ async def test_operator_mode_confirm_and_list(clock: FakeClock) -> None:
         )
         [info] = a.manager.list_in_progress()
         assert len(info.emoji) == 7 and info.decimals is not None
+        # bob's SasReady is a lifecycle event on his own dispatcher: it may still be queued
+        await eventually(lambda: bool(b.of(SasReady)), what="bob's SasReady")
         assert info.emoji == b.of(SasReady)[0].emoji
         assert not await a.manager.start_sas(txn)  # refused in this state
         assert await a.manager.confirm(txn)
