@@ -338,6 +338,8 @@ class _Api:
                 if v.deadline is not None
                 else None
             ),
+            # Only for in-room flows, so to-device entries keep their shape.
+            **({"room_id": v.room_id} if v.room_id is not None else {}),
         }
 
     def _all(self) -> Sequence[VerificationInfo]:

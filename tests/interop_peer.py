@@ -453,6 +453,27 @@ class JsPeer:
             "request_verification", user_id=user_id, device_id=device_id, timeout=timeout
         )
 
+    async def request_verification_dm(
+        self, user_id: str, room_id: str, timeout: float = 30.0
+    ) -> Event:
+        """In-room request (``requestVerificationDM``); ``transaction_id`` is the flow id."""
+        return await self.call(
+            "request_verification_dm", user_id=user_id, room_id=room_id, timeout=timeout
+        )
+
+    async def user_verification_status(self, user_id: str) -> Event:
+        """``getUserVerificationStatus`` (``cross_signing_verified``, ...)."""
+        return await self.call("user_verification_status", user_id=user_id)
+
+    async def send_room_event(
+        self, room_id: str, event_type: str, content: dict[str, Any], timeout: float = 30.0
+    ) -> str:
+        """Send a room event (encrypted by the SDK in an encrypted room); its event id."""
+        reply = await self.call(
+            "send_room_event", room_id=room_id, type=event_type, content=content, timeout=timeout
+        )
+        return str(reply["event_id"])
+
     async def wait_request(
         self, user_id: str | None = None, device_id: str | None = None, timeout: float = 30.0
     ) -> Event:

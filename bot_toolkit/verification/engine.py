@@ -48,6 +48,7 @@ from .policy import (
     VerificationPolicy,
     accepted_notice_targets,
 )
+from .rooms import RoomSender, room_content
 from .sas import SasSession
 from .table import (
     TERMINAL_STATES,
@@ -122,8 +123,12 @@ class Engine:
         txns: Transactions,
         inflight: InflightStore,
         attempts: AttemptTracker,
+        *,
+        rooms: RoomSender | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.rooms = rooms
+        """Sends the events of in-room flows (``None``: to-device only)."""
         self.outbox = outbox
         self.keys = keys
         self.policy = policy
@@ -203,7 +208,11 @@ class Engine:
         *,
         limited: bool,
         reason: str | None = None,
+        room_id: str | None = None,
     ) -> bool:
+        if room_id is not None:
+            # In a room the cancel is one event relating to the flow, whatever the devices.
+            devices = list(devices[:1]) or [DeviceId("*")]
         if limited:
             # Capped per user: the device ids (from_device) are the sender's choice.
             devices = [d for d in devices if self._limiter.allow(user)]
@@ -214,7 +223,10 @@ class Engine:
                 return False
         reason = REASONS.get(code, "") if reason is None else reason
         content = {"transaction_id": txn, "code": str(code), "reason": reason}
-        await self.send(KeyVerificationCancel.event_type, user, devices, content)
+        if room_id is not None:
+            await self._room_send(room_id, txn, KeyVerificationCancel.event_type, content)
+        else:
+            await self.send(KeyVerificationCancel.event_type, user, devices, content)
         self.m_cancels.inc(str(code), amount=len(devices))
         log.info("sent cancel %s for verification %s to %s %s", code, txn, user, list(devices))
         return True
@@ -230,7 +242,7 @@ class Engine:
         is cancelled with ``m.user`` instead of finishing (see :meth:`_perform`).
         """
         before = t.state
-        outcome = transition(t.state, inp)
+        outcome = transition(t.state, inp, t.transport)
         t.state = outcome.next_state
         log.debug("verification %s: %s --%s--> %s", t.txn, before.value, inp.value, t.state.value)
         refused = False
@@ -293,12 +305,20 @@ class Engine:
 
     async def _begin(self, t: Txn) -> None:
         self._txns.begin(t)
-        # The overall deadline: what a restart must honour (the request lapse is shorter).
-        deadline = self.clock() + self.policy.timeout
-        devices = (t.peer_device,) if t.peer_device is not None else t.recipients
-        await self._inflight.add(t.txn, t.peer_user, devices, deadline)
+        if t.room_id is None:
+            # The overall deadline: what a restart must honour (the request lapse is shorter).
+            # In-room flows are not in the restart table (its cancels are to-device messages).
+            deadline = self.clock() + self.policy.timeout
+            devices = (t.peer_device,) if t.peer_device is not None else t.recipients
+            await self._inflight.add(t.txn, t.peer_user, devices, deadline)
         self.emit(
-            VerificationRequested(t.txn, t.peer_user, t.peer_device, incoming=not t.initiated_by_us)
+            VerificationRequested(
+                t.txn,
+                t.peer_user,
+                t.peer_device,
+                incoming=not t.initiated_by_us,
+                room_id=t.room_id,
+            )
         )
 
     async def _end(self, t: Txn) -> None:
@@ -311,13 +331,21 @@ class Engine:
         if t.state is State.DONE:
             assert t.peer_device is not None
             verified = t.sas.verified_keys if t.sas is not None else ()
-            result = VerificationDone(t.txn, t.peer_user, t.peer_device, verified)
+            result = VerificationDone(
+                t.txn, t.peer_user, t.peer_device, verified, room_id=t.room_id
+            )
             self._m_total.inc("done", "")
             log.info("verification %s with %s %s done", t.txn, t.peer_user, t.peer_device)
         else:
             code = t.cancel_code or str(CancelCode.USER)
             result = VerificationCancelled(
-                t.txn, t.peer_user, t.peer_device, code, t.cancel_reason, t.cancelled_by_us
+                t.txn,
+                t.peer_user,
+                t.peer_device,
+                code,
+                t.cancel_reason,
+                t.cancelled_by_us,
+                room_id=t.room_id,
             )
             self._m_total.inc("cancelled", code_label(code))
             log.info(
@@ -335,6 +363,10 @@ class Engine:
     async def _perform(self, t: Txn, action: object, ctx: Ctx) -> bool | None:
         txn = t.txn
         if isinstance(action, SendRequest):
+            if t.room_id is not None:
+                # The request event was sent before the flow existed: its event id is the flow
+                # id (VerificationManager.request_user_verification).
+                return None
             us = self.us()
             content = {
                 "from_device": us.device_id,
@@ -351,7 +383,7 @@ class Engine:
                 "methods": list(SUPPORTED_METHODS),
                 "transaction_id": txn,
             }
-            await self.send(KeyVerificationReady.event_type, t.peer_user, [t.peer_device], content)
+            await self._to_peer(t, KeyVerificationReady.event_type, content)
         elif isinstance(action, SendStart):
             sas = self._sas(t, we_started=True)
             t.our_start_method = METHOD_SAS
@@ -391,13 +423,21 @@ class Engine:
             devices: Sequence[str]
             devices = [t.peer_device] if t.peer_device is not None else list(t.recipients)
             await self.send_cancel(
-                txn, t.peer_user, devices, action.code, limited=ctx.inbound, reason=t.cancel_reason
+                txn,
+                t.peer_user,
+                devices,
+                action.code,
+                limited=ctx.inbound,
+                reason=t.cancel_reason,
+                room_id=t.room_id,
             )
         elif isinstance(action, ReplyCancel):
             if ctx.sender is None:
                 return None
             device = ctx.sender_device or DeviceId("*")
-            await self.send_cancel(txn, ctx.sender, [device], action.code, limited=ctx.inbound)
+            await self.send_cancel(
+                txn, ctx.sender, [device], action.code, limited=ctx.inbound, room_id=ctx.room_id
+            )
         elif isinstance(action, NotifyOthers):
             answered = t.peer_device or ctx.sender_device
             if answered is None or answered == "*":
@@ -423,12 +463,23 @@ class Engine:
                 us=self.us(),
                 them=Party(t.peer_user, t.peer_device),
                 we_started=we_started,
+                in_room=t.room_id is not None,
             )
         return t.sas
 
     async def _to_peer(self, t: Txn, event_type: str, content: dict[str, Any]) -> None:
+        if t.room_id is not None:
+            await self._room_send(t.room_id, t.txn, event_type, content)
+            return
         assert t.peer_device is not None
         await self.send(event_type, t.peer_user, [t.peer_device], content)
+
+    async def _room_send(
+        self, room_id: str, flow_id: str, event_type: str, content: dict[str, Any]
+    ) -> None:
+        if self.rooms is None:
+            raise RuntimeError("an in-room flow needs a room sender")
+        await self.rooms.send(room_id, event_type, room_content(content, flow_id))
 
     def _show_sas(self, t: Txn) -> None:
         assert t.sas is not None and t.sas.agreement is not None and t.peer_device is not None
@@ -437,7 +488,9 @@ class Engine:
             tuple((e.emoji, e.description) for e in t.sas.emoji()) if SAS_EMOJI in methods else ()
         )
         t.decimals = t.sas.decimals() if SAS_DECIMAL in methods else None
-        self.emit(SasReady(t.txn, t.peer_user, t.peer_device, t.emoji, t.decimals))
+        self.emit(
+            SasReady(t.txn, t.peer_user, t.peer_device, t.emoji, t.decimals, room_id=t.room_id)
+        )
         confirm = self.policy.confirm
         if confirm is None:
             log.info("verification %s: SAS shown, waiting for the operator", t.txn)

@@ -11,6 +11,7 @@ from one device (with a cooldown) and holding a request until the peer's keys ar
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections import OrderedDict
@@ -21,6 +22,7 @@ import msgspec
 
 from .._types import DeviceId, TransactionId, UserId
 from ..events import (
+    DecodeError,
     KeyVerificationAccept,
     KeyVerificationCancel,
     KeyVerificationDone,
@@ -39,6 +41,7 @@ from .errors import SasError, SasStateError
 from .negotiation import common_verification_methods, negotiate_start, offer_from_start
 from .peer_keys import KeySource, PeerKeys
 from .policy import AttemptTracker, VerificationPolicy, request_is_fresh, request_prompt_lapse
+from .rooms import REQUEST_MSGTYPE, RoomVerificationEvent
 from .table import TERMINAL_STATES, CancelCode, Input, Party, State, classify_start
 from .transactions import Ctx, Transactions, Txn, fingerprint
 
@@ -71,6 +74,8 @@ class Inbound:
         self.clock = engine.clock
         self._txns = txns
         self._attempts = attempts
+        self.room_request_lock = asyncio.Lock()
+        """Held while our own in-room request is sent and its flow registered."""
         self._raw_starts: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self._cooldown: OrderedDict[Party, float] = OrderedDict()
 
@@ -86,6 +91,7 @@ class Inbound:
         d.register(KeyVerificationDone, self._on_done)
         d.register(KeyVerificationCancel, self._on_cancel)
         d.register(UndecodableEvent, self._on_malformed)
+        d.register(RoomVerificationEvent, self._on_room)
 
     def decoded(self, event: ToDeviceEvent, raw: Mapping[str, Any]) -> None:
         content = raw.get("content")
@@ -110,6 +116,8 @@ class Inbound:
         if t.peer_device is not None:
             devices = (t.peer_device,)
         elif t.state is State.REQUESTED_OUT:
+            if t.room_id is not None:
+                return False  # in a room any device of the peer user may answer
             devices = t.recipients
         else:
             return False
@@ -121,18 +129,31 @@ class Inbound:
             return found is not None and found not in devices
         return False
 
-    def _ctx(self, event: ToDeviceEvent, t: Txn | None, **kw: Any) -> Ctx:
-        return Ctx(UserId(event.sender), self._reply_device(event, t), inbound=True, **kw)
+    def _ctx(
+        self,
+        event: ToDeviceEvent,
+        t: Txn | None,
+        room: RoomVerificationEvent | None = None,
+        **kw: Any,
+    ) -> Ctx:
+        room_id = None if room is None else room.room_id
+        return Ctx(
+            UserId(event.sender), self._reply_device(event, t), inbound=True, room_id=room_id, **kw
+        )
 
-    async def _new_attempt(self, event: KeyVerificationRequest | KeyVerificationStart) -> bool:
+    async def _new_attempt(
+        self,
+        event: KeyVerificationRequest | KeyVerificationStart,
+        room: RoomVerificationEvent | None = None,
+    ) -> bool:
         """Checks for a request/start with an unknown id: policy, concurrent attempts, keys.
 
         Returns True when the new transaction may be created (keys known).
         """
         txn = TransactionId(event.transaction_id or "")
         peer = Party(UserId(event.sender), DeviceId(event.from_device))
-        ctx = self._ctx(event, None)
-        probe = Txn(txn, peer.user_id, peer.device_id, False)
+        ctx = self._ctx(event, None, room)
+        probe = Txn(txn, peer.user_id, peer.device_id, False, room_id=ctx.room_id)
         if peer == self._engine.us():
             return False
         if not self.policy.allows_device(self._engine.us().user_id, *peer):
@@ -191,23 +212,25 @@ class Inbound:
             return Input.DUPLICATE
         return None
 
-    async def _on_request(self, event: KeyVerificationRequest) -> None:
+    async def _on_request(
+        self, event: KeyVerificationRequest, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
         if not request_is_fresh(event.timestamp, self.clock()):
             log.info("ignoring stale or future verification request %s from %s", txn, event.sender)
             return
         if txn not in self._txns:
-            if not await self._new_attempt(event):
+            if not await self._new_attempt(event, room):
                 return
             async with self._txns.lock(txn):
                 t = self._txns.get(txn)
                 if t is None:
-                    await self._create_incoming(event, txn)
+                    await self._create_incoming(event, txn, room)
                     return
                 # Created meanwhile (during the key query), maybe by another sender.
                 self._drop_attempt(event, t)
                 inp = self._classify_common(event, t) or Input.REQUEST
-                await self._feed_event(t, inp, event)
+                await self._feed_event(t, inp, event, room)
                 return
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
@@ -215,7 +238,7 @@ class Inbound:
                 log.info("verification %s: forgotten while %s's request waited", txn, event.sender)
                 return
             inp = self._classify_common(event, t) or Input.REQUEST
-            await self._feed_event(t, inp, event)
+            await self._feed_event(t, inp, event, room)
 
     def _drop_attempt(self, event: KeyVerificationRequest | KeyVerificationStart, t: Txn) -> None:
         """Release the attempt :meth:`_new_attempt` registered when the transaction already
@@ -224,13 +247,20 @@ class Inbound:
         if peer != Party(t.peer_user, t.peer_device or DeviceId("")):
             self._attempts.end_for(peer, t.txn)
 
-    async def _create_incoming(self, event: KeyVerificationRequest, txn: TransactionId) -> None:
+    async def _create_incoming(
+        self,
+        event: KeyVerificationRequest,
+        txn: TransactionId,
+        room: RoomVerificationEvent | None = None,
+    ) -> None:
         peer_device = DeviceId(event.from_device)
-        t = Txn(txn, UserId(event.sender), peer_device, False)
+        room_id = None if room is None else room.room_id
+        t = Txn(txn, UserId(event.sender), peer_device, False, room_id=room_id)
         t.peer_ed25519 = self.keys.device_ed25519(event.sender, peer_device)
+        # In a room, timestamp is the request's origin_server_ts (RoomVerificationEvent.typed).
         t.lapse = request_prompt_lapse(event.timestamp, self.clock())
         t.seen.add(fingerprint(event))
-        ctx = self._ctx(event, t)
+        ctx = self._ctx(event, t, room)
         t.no_common_method = not common_verification_methods(event.methods)
         await self._engine.feed(t, Input.REQUEST, ctx)
         if t.no_common_method:
@@ -247,24 +277,36 @@ class Inbound:
         if self.policy.auto_accept:
             await self._engine.feed(t, Input.LOCAL_READY, Ctx())
 
-    async def _feed_event(self, t: Txn, inp: Input, event: ToDeviceEvent, **kw: Any) -> None:
-        ctx = self._ctx(event, t, **kw)
+    async def _feed_event(
+        self,
+        t: Txn,
+        inp: Input,
+        event: ToDeviceEvent,
+        room: RoomVerificationEvent | None = None,
+        **kw: Any,
+    ) -> None:
+        ctx = self._ctx(event, t, room, **kw)
         if inp not in (Input.WRONG_USER, Input.OTHER_DEVICE, Input.DUPLICATE):
             t.seen.add(fingerprint(event))
         await self._engine.feed(t, inp, ctx)
 
-    async def _unknown(self, event: ToDeviceEvent, inp: Input) -> None:
+    async def _unknown(
+        self, event: ToDeviceEvent, inp: Input, room: RoomVerificationEvent | None = None
+    ) -> None:
         """An event for a transaction we do not know (the table's NEW row)."""
         txn = TransactionId(getattr(event, "transaction_id", None) or "")
-        probe = Txn(txn, UserId(event.sender), None, False)
-        await self._engine.feed(probe, inp, self._ctx(event, None))
+        ctx = self._ctx(event, None, room)
+        probe = Txn(txn, UserId(event.sender), None, False, room_id=ctx.room_id)
+        await self._engine.feed(probe, inp, ctx)
 
-    async def _on_ready(self, event: KeyVerificationReady) -> None:
+    async def _on_ready(
+        self, event: KeyVerificationReady, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
             if t is None:
-                await self._unknown(event, Input.READY)
+                await self._unknown(event, Input.READY, room)
                 return
             inp = self._classify_common(event, t)
             if inp is None:
@@ -276,8 +318,24 @@ class Inbound:
                     inp = Input.READY
             if inp is Input.READY and t.state is State.REQUESTED_OUT:
                 t.peer_device = DeviceId(event.from_device)
-                t.peer_ed25519 = self.keys.device_ed25519(t.peer_user, t.peer_device)
-            await self._feed_event(t, inp, event)
+                if t.room_id is not None:
+                    # Any device of the user may answer an in-room request (and in a plaintext
+                    # room nio does not track the user): download the device's keys (bounded).
+                    t.peer_ed25519 = await self._peer_keys.ensure(t.peer_user, t.peer_device)
+                    if t.peer_ed25519 is None:
+                        log.warning(
+                            "verification %s: keys of %s %s unknown; cancelling",
+                            txn,
+                            t.peer_user,
+                            t.peer_device,
+                        )
+                        await self._feed_event(t, inp, event, room)
+                        t.local_reason = "the device's keys are unknown"
+                        await self._engine.feed(t, Input.LOCAL_CANCEL, Ctx())
+                        return
+                else:
+                    t.peer_ed25519 = self.keys.device_ed25519(t.peer_user, t.peer_device)
+            await self._feed_event(t, inp, event, room)
             if (
                 inp is Input.READY
                 and t.state is State.READY
@@ -303,9 +361,13 @@ class Inbound:
         while len(self._raw_starts) > _RAW_STARTS_KEPT:
             self._raw_starts.popitem(last=False)
 
-    async def _on_start(self, event: KeyVerificationStart) -> None:
+    async def _on_start(
+        self, event: KeyVerificationStart, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
-        content = self._raw_start(event)
+        # In a room the content as received is at hand (with its m.relates_to, which the
+        # commitment covers).
+        content = self._raw_start(event) if room is None else dict(room.content)
         acceptable = False
         if isinstance(event, KeyVerificationStartSas):
             try:
@@ -313,6 +375,11 @@ class Inbound:
             except SasError:
                 acceptable = False
         if txn not in self._txns:
+            if room is not None:
+                # No start-first flow in a room: a start for an unknown flow creates nothing.
+                async with self._txns.lock(txn):
+                    await self._unknown(event, Input.START, room)
+                return
             if not acceptable:
                 async with self._txns.lock(txn):
                     await self._unknown(event, Input.UNKNOWN_METHOD)
@@ -358,14 +425,16 @@ class Inbound:
                 if inp is Input.START_THEY_WIN and t.sas is not None:
                     t.sas.lose_start_race()
                     t.our_start_method = None
-            await self._feed_event(t, inp, event)
+            await self._feed_event(t, inp, event, room)
 
-    async def _on_accept(self, event: KeyVerificationAccept) -> None:
+    async def _on_accept(
+        self, event: KeyVerificationAccept, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
             if t is None:
-                await self._unknown(event, Input.ACCEPT)
+                await self._unknown(event, Input.ACCEPT, room)
                 return
             inp = self._classify_common(event, t)
             if inp is None:
@@ -375,14 +444,16 @@ class Inbound:
                         t.sas.receive_accept(encode_content(event))
                     except SasError as exc:
                         inp = exc.input
-            await self._feed_event(t, inp, event)
+            await self._feed_event(t, inp, event, room)
 
-    async def _on_key(self, event: KeyVerificationKey) -> None:
+    async def _on_key(
+        self, event: KeyVerificationKey, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
             if t is None:
-                await self._unknown(event, Input.KEY)
+                await self._unknown(event, Input.KEY, room)
                 return
             inp = self._classify_common(event, t)
             if inp is None:
@@ -397,21 +468,23 @@ class Inbound:
                         t.sas.receive_their_key(event.key)
                     except SasError as exc:
                         inp = exc.input
-            await self._feed_event(t, inp, event)
+            await self._feed_event(t, inp, event, room)
 
-    async def _on_mac(self, event: KeyVerificationMac) -> None:
+    async def _on_mac(
+        self, event: KeyVerificationMac, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
             if t is None:
-                await self._unknown(event, Input.MAC)
+                await self._unknown(event, Input.MAC, room)
                 return
             inp = self._classify_common(event, t)
             if inp is None:
                 inp = Input.MAC
                 if t.state in _MAC_EXPECTED and t.sas is not None:
                     inp = await self._check_mac(t, event)
-            await self._feed_event(t, inp, event)
+            await self._feed_event(t, inp, event, room)
 
     async def _check_mac(self, t: Txn, event: KeyVerificationMac) -> Input:
         assert t.sas is not None and t.peer_device is not None
@@ -429,20 +502,30 @@ class Inbound:
             return Input.MALFORMED
         return Input.MAC
 
-    async def _on_done(self, event: KeyVerificationDone) -> None:
+    async def _on_done(
+        self, event: KeyVerificationDone, room: RoomVerificationEvent | None = None
+    ) -> None:
         txn = TransactionId(event.transaction_id or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
             if t is None:
-                await self._unknown(event, Input.DONE)
+                await self._unknown(event, Input.DONE, room)
                 return
             inp = self._classify_common(event, t) or Input.DONE
-            await self._feed_event(t, inp, event)
+            await self._feed_event(t, inp, event, room)
 
-    async def _on_cancel(self, event: KeyVerificationCancel) -> None:
-        await self._cancel_received(event, event.code, event.reason)
+    async def _on_cancel(
+        self, event: KeyVerificationCancel, room: RoomVerificationEvent | None = None
+    ) -> None:
+        await self._cancel_received(event, event.code, event.reason, room)
 
-    async def _cancel_received(self, event: ToDeviceEvent, code: str, reason: str) -> None:
+    async def _cancel_received(
+        self,
+        event: ToDeviceEvent,
+        code: str,
+        reason: str,
+        room: RoomVerificationEvent | None = None,
+    ) -> None:
         txn = TransactionId(getattr(event, "transaction_id", None) or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
@@ -454,8 +537,116 @@ class Inbound:
                 inp = Input.CANCEL
             log.info("verification %s: %s cancelled with %s", txn, event.sender, code[:64])
             await self._feed_event(
-                t, inp, event, cancel_code=code[:255], cancel_reason=reason[:255]
+                t, inp, event, room, cancel_code=code[:255], cancel_reason=reason[:255]
             )
+
+    async def _on_room(self, ev: RoomVerificationEvent) -> None:
+        """An in-room verification event: routed to the handler of its type with its room.
+
+        Silently dropped: events relating to nothing, requests meant for someone else (``to``),
+        our own echoes, and events for a flow of another room (a flow belongs to its room). A
+        ready or cancel from another device of our own user answers a request we have not
+        answered: we ignore the request from then on, as the spec asks (fed as the peer's
+        ``m.accepted`` cancel would be to-device).
+        """
+        if ev.flow_id is None:
+            log.debug("in-room %s with no m.reference relation ignored", ev.event_type[:64])
+            return
+        us_user, us_device, _ = self.keys.own()
+        if ev.sender == us_user:
+            await self._own_room_event(ev, us_device)
+            return
+        if ev.event_type == REQUEST_MSGTYPE and ev.to != us_user:
+            log.debug("in-room request %s is for someone else", ev.flow_id[:64])
+            return
+        known = self._txns.get(ev.flow_id)
+        if known is None and ev.event_type != REQUEST_MSGTYPE:
+            # Our own request may be on its way out (its event id becomes the flow id).
+            async with self.room_request_lock:
+                known = self._txns.get(ev.flow_id)
+        if known is not None and known.room_id != ev.room_id:
+            log.info(
+                "verification %s: %s in another room ignored", ev.flow_id[:64], ev.event_type[:64]
+            )
+            return
+        try:
+            event = ev.typed()
+        except DecodeError as exc:
+            await self._room_malformed(ev, exc)
+            return
+        handler = self._room_handlers().get(type(event).event_type)
+        if handler is None:  # pragma: no cover - every verification type has a handler
+            return
+        await handler(event, ev)
+
+    def _room_handlers(self) -> dict[str, Any]:
+        return {
+            KeyVerificationRequest.event_type: self._on_request,
+            KeyVerificationReady.event_type: self._on_ready,
+            KeyVerificationStart.event_type: self._on_start,
+            KeyVerificationAccept.event_type: self._on_accept,
+            KeyVerificationKey.event_type: self._on_key,
+            KeyVerificationMac.event_type: self._on_mac,
+            KeyVerificationDone.event_type: self._on_done,
+            KeyVerificationCancel.event_type: self._on_cancel,
+        }
+
+    async def _own_room_event(self, ev: RoomVerificationEvent, us_device: str) -> None:
+        """Our own user's event: our echo, or another of our devices answering a request."""
+        assert ev.flow_id is not None
+        if ev.event_type == KeyVerificationReady.event_type:
+            if ev.content.get("from_device") == us_device:
+                return  # our own echo
+            code, reason = str(CancelCode.ACCEPTED), "answered by another device of ours"
+        elif ev.event_type == KeyVerificationCancel.event_type:
+            code, reason = str(CancelCode.USER), "declined by another device of ours"
+        else:
+            return
+        txn = TransactionId(ev.flow_id)
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None or t.room_id != ev.room_id or t.state is not State.REQUESTED_IN:
+                return
+            log.info("verification %s: answered by our device elsewhere; ignoring it", txn)
+            ctx = Ctx(UserId(ev.sender), None, inbound=True, room_id=ev.room_id)
+            ctx.cancel_code, ctx.cancel_reason = code, reason
+            await self._engine.feed(t, Input.CANCEL, ctx)
+
+    async def _room_malformed(self, ev: RoomVerificationEvent, exc: DecodeError) -> None:
+        assert ev.flow_id is not None
+        txn = TransactionId(ev.flow_id)
+        log.info(
+            "verification %s: malformed in-room %s from %s (%s)",
+            txn,
+            ev.event_type[:64],
+            ev.sender,
+            str(exc)[:200],
+        )
+        probe = UndecodableEvent(
+            sender=ev.sender,
+            decrypted_from=ev.sender_key,
+            event_type_name=ev.event_type,
+            transaction_id=ev.flow_id,
+            path=exc.path,
+            reason=exc.reason,
+        )
+        if ev.event_type == KeyVerificationCancel.event_type:
+            await self._cancel_received(probe, str(CancelCode.USER), "malformed cancel", ev)
+            return
+        async with self._txns.lock(txn):
+            t = self._txns.get(txn)
+            if t is None:
+                inp = _NEW_MALFORMED.get(ev.event_type)
+                if inp is not None:
+                    await self._unknown(probe, inp, ev)
+                return
+            if ev.sender != t.peer_user:
+                inp = Input.WRONG_USER
+            elif self._sender_is_other_device(probe, t):
+                inp = Input.OTHER_DEVICE
+            else:
+                inp = Input.MALFORMED
+            await self._feed_event(t, inp, probe, ev)
 
     async def _on_malformed(self, event: UndecodableEvent) -> None:
         name = event.event_type_name

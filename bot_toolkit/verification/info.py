@@ -25,3 +25,5 @@ class VerificationInfo:
     """The SAS as three numbers once keys are exchanged."""
     deadline: float | None = None
     """When the verification times out, as Unix time (``time.time()``)."""
+    room_id: str | None = None
+    """The room of an in-room verification (``id`` is then the request's event id)."""

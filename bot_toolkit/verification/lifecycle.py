@@ -37,6 +37,8 @@ class VerificationRequested:
     device_id: str | None
     """The peer device; ``None`` for our own request until a device answers."""
     incoming: bool
+    room_id: str | None = None
+    """The room of an in-room flow (then ``transaction_id`` is the request's event id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,8 @@ class SasReady:
     """``(emoji, English description)`` pairs; empty when emoji were not agreed."""
     decimals: tuple[int, int, int] | None
     """The three numbers; ``None`` when decimals were not agreed."""
+    room_id: str | None = None
+    """The room of an in-room flow, else ``None``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,8 @@ class VerificationDone:
     device_id: str
     verified_keys: tuple[str, ...]
     """The key ids the peer's MAC verified (its device key, maybe its master key)."""
+    room_id: str | None = None
+    """The room of an in-room flow, else ``None``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,8 @@ class VerificationCancelled:
     code: str
     reason: str
     by_us: bool
+    room_id: str | None = None
+    """The room of an in-room flow, else ``None``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,7 @@ from .lifecycle import (
     VerificationCancelled,
     VerificationDone,
 )
+from .negotiation import SUPPORTED_METHODS
 from .peer_keys import KeySource, NioKeySource, PeerKeys
 from .persistence import RESTART_REASON, InflightStore, StoreLike
 from .policy import (
@@ -91,6 +92,7 @@ from .policy import (
     AttemptTracker,
     VerificationPolicy,
 )
+from .rooms import NioRooms, RoomSender, request_content
 from .table import (
     TERMINAL_STATES,
     CancelCode,
@@ -139,6 +141,7 @@ class VerificationManager:
         store: StoreLike | None = None,
         key_source: KeySource | None = None,
         tick: float = 1.0,
+        rooms: RoomSender | None = None,
     ) -> None:
         if key_source is None:
             if client is None:
@@ -157,6 +160,10 @@ class VerificationManager:
         self._inflight = InflightStore(store)
         self._peer_keys = PeerKeys(key_source, query_timeout=policy.key_query_timeout)
         self._attempts = AttemptTracker()
+        self._nio_rooms: NioRooms | None = None
+        if rooms is None and client is not None:
+            self._nio_rooms = rooms = NioRooms(client, dispatcher, self.metrics)
+        self.rooms = rooms
         self._engine = Engine(
             dispatcher,
             outbox,
@@ -167,6 +174,7 @@ class VerificationManager:
             self._txns,
             self._inflight,
             self._attempts,
+            rooms=rooms,
         )
         self._inbound = Inbound(
             self._engine, key_source, self._peer_keys, policy, self._txns, self._attempts
@@ -222,6 +230,8 @@ class VerificationManager:
         )
         for txn, user in cancelled.items():
             self._txns.cancelled_earlier(TransactionId(txn), UserId(user), RESTART_REASON)
+        if self._nio_rooms is not None:
+            self._nio_rooms.attach()
         if self._timer_task is None and self.tick > 0:
             self._timer_task = asyncio.get_running_loop().create_task(
                 self._timer_loop(), name="bot_toolkit.verification.timers"
@@ -231,6 +241,8 @@ class VerificationManager:
     async def close(self) -> None:
         """Stop the timer and the confirmation tasks. Live transactions stay persisted."""
         self._closed = True
+        if self._nio_rooms is not None:
+            self._nio_rooms.detach()
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch.clear()
@@ -285,6 +297,37 @@ class VerificationManager:
         t.peer_ed25519 = ed
         async with self._lock(txn):
             await self._engine.feed(t, Input.LOCAL_REQUEST, Ctx())
+        return txn
+
+    async def request_user_verification(
+        self, user_id: str, room_id: str | None = None
+    ) -> TransactionId:
+        """Ask ``user_id`` to verify in a room (the way Element verifies users); returns the
+        flow id (the request's event id) at once.
+
+        ``room_id``: the room to use; by default a DM with the user is reused or created
+        (:meth:`~bot_toolkit.verification.rooms.RoomSender.direct_room`). Any device of the user
+        may answer. Use :meth:`wait_finished` for the outcome. Raises ``RuntimeError`` without a
+        room sender, :class:`~bot_toolkit.verification.rooms.RoomSendError` when the homeserver
+        refuses.
+        """
+        if self.rooms is None:
+            raise RuntimeError("in-room verification needs a room sender (a nio client)")
+        us_user, us_device, _ = self.keys.own()
+        if user_id == us_user:
+            raise ValueError("verify our own devices with request_verification (to-device)")
+        if room_id is None:
+            room_id = await self.rooms.direct_room(user_id)
+        content = request_content(us_device, user_id, list(SUPPORTED_METHODS))
+        # The request's event id is the flow id: the flow is registered as soon as it is
+        # known, with the room handler waiting on the lock for events of unknown flows.
+        async with self._inbound.room_request_lock:
+            event_id = await self.rooms.send(room_id, "m.room.message", content)
+            txn = TransactionId(event_id)
+            t = Txn(txn, UserId(user_id), None, True, room_id=room_id)
+            async with self._lock(txn):
+                await self._engine.feed(t, Input.LOCAL_REQUEST, Ctx())
+        log.info("verification %s: requested %s in %s", txn, user_id, room_id)
         return txn
 
     async def wait_finished(

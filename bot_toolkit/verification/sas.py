@@ -215,6 +215,7 @@ class SasSession:
         "_commitment",
         "_established",
         "_failed",
+        "_in_room",
         "_info",
         "_public_key",
         "_sas",
@@ -226,10 +227,19 @@ class SasSession:
         "_we_started",
     )
 
-    def __init__(self, *, transaction_id: str, us: Party, them: Party, we_started: bool) -> None:
+    def __init__(
+        self,
+        *,
+        transaction_id: str,
+        us: Party,
+        them: Party,
+        we_started: bool,
+        in_room: bool = False,
+    ) -> None:
         if us == them:
             raise ValueError("cannot verify a device with itself")
         self._transaction_id = transaction_id
+        self._in_room = in_room
         self._us = us
         self._them = them
         self._we_started = we_started
@@ -288,7 +298,8 @@ class SasSession:
     # -- key agreement phase
 
     def start_content(self) -> dict[str, Any]:
-        """Our start content (starter only); the same on every call.
+        """Our start content (starter only); the same on every call. In a room (``in_room``) it
+        carries ``m.relates_to`` to the request (the flow id) instead of ``transaction_id``.
 
         Send it unchanged: the peer's commitment covers its canonical JSON.
         """
@@ -296,7 +307,7 @@ class SasSession:
         if not self._we_started:
             raise SasStateError("only the starting side sends a start")
         if self._start_content is None:
-            self._start_content = {
+            content: dict[str, Any] = {
                 "from_device": self._us.device_id,
                 "method": METHOD_SAS,
                 "transaction_id": self._transaction_id,
@@ -305,6 +316,15 @@ class SasSession:
                 "message_authentication_codes": list(OUR_SAS_OFFER.message_authentication_codes),
                 "short_authentication_string": list(OUR_SAS_OFFER.short_authentication_string),
             }
+            if self._in_room:
+                # The in-room form is what the peer receives and commits to: the relation to
+                # the request instead of a transaction id.
+                del content["transaction_id"]
+                content["m.relates_to"] = {
+                    "rel_type": "m.reference",
+                    "event_id": self._transaction_id,
+                }
+            self._start_content = content
         return copy.deepcopy(self._start_content)
 
     def lose_start_race(self) -> None:

@@ -1,4 +1,4 @@
-"""The to-device key verification state machine, as one explicit transition table.
+"""The key verification state machine, as one explicit transition table for both transports.
 
 Everything that changes the state of one verification transaction lives in this module, in the
 tables below; nothing else assigns a :class:`State`. The module does no I/O and imports nothing from
@@ -29,6 +29,16 @@ the project's protocol notes for where implementations differ; we follow the spe
 * a start without a request (deprecated start-first flow) is handled in the ``LEGACY_*`` states,
   which end without ``m.key.verification.done`` (that flow predates it).
 
+Both transports (:class:`Transport`) share the table. In a room (the flow id is the request's event
+id) the spec differs in a few places; those are listed in ``IN_ROOM_DIFFERENCES`` and nowhere else:
+
+* no ``m.accepted`` / ``m.user`` fan-out to the request's other recipients (there is one request
+  event in the room; the peer's other devices see the ready themselves);
+* an event from a third room member is ignored, not answered: a cancel from us into the room would
+  relate to the flow and end it for the peer, so a third member could end it;
+* an event relating to an unknown flow gets nothing (it may relate to any event in the room, e.g.
+  another user's flow); there is no start-first flow in a room, so a start creates nothing.
+
 The pure cross-transaction policy the manager consults (request age, timeouts, the error-reply
 cap, concurrent attempts from one device, ``m.accepted`` targets) is in
 :mod:`bot_toolkit.verification.policy`.
@@ -48,6 +58,8 @@ from ..codes import CancelCode
 __all__ = [
     "ALWAYS_INPUTS",
     "EVENT_INPUTS",
+    "IN_ROOM_DIFFERENCES",
+    "IN_ROOM_TRANSITIONS",
     "LOCAL_STEPS",
     "OUT_OF_SEQUENCE",
     "TERMINAL_STATES",
@@ -73,11 +85,22 @@ __all__ = [
     "ShowSas",
     "StartRace",
     "State",
+    "Transport",
     "check_complete",
     "classify_start",
     "start_race",
     "transition",
 ]
+
+
+class Transport(enum.Enum):
+    """How a flow's events travel."""
+
+    TO_DEVICE = "to_device"
+    """``m.key.verification.*`` to-device messages; the flow id is ``transaction_id``."""
+    IN_ROOM = "in_room"
+    """Room events relating (``m.reference``) to an ``m.room.message`` request; the flow id is
+    the request's event id."""
 
 
 class State(enum.Enum):
@@ -589,18 +612,67 @@ def _build() -> dict[State, Mapping[Input, Outcome]]:
 
 
 TRANSITIONS: Final[Mapping[State, Mapping[Input, Outcome]]] = MappingProxyType(_build())
-"""``TRANSITIONS[state][input] -> Outcome``. Terminal states map to nothing (see transition())."""
+"""``TRANSITIONS[state][input] -> Outcome`` for to-device flows. Terminal states map to nothing
+(see transition())."""
+
+_THIRD_MEMBER = "event from a third room member: never answered, never changes the flow"
+_UNKNOWN_FLOW = "relates to no flow of ours"
+
+
+def _room_differences() -> dict[tuple[State, Input], Outcome]:
+    diff: dict[tuple[State, Input], Outcome] = {
+        # One request event in the room: the peer's other devices see the ready or cancel
+        # themselves (spec), so nothing is sent to them.
+        (_S.REQUESTED_OUT, _I.READY): Outcome(_S.READY),
+        (_S.REQUESTED_OUT, _I.CANCEL): Outcome(_S.CANCELLED),
+        # Unknown flow ids: silence (no m.unknown_transaction into a room), and no start-first
+        # flow in a room.
+        (_S.NEW, _I.START): _stay(_S.NEW, Ignore("no start-first flow in a room")),
+        (_S.NEW, _I.UNKNOWN_METHOD): _stay(_S.NEW, Ignore(_UNKNOWN_FLOW)),
+        (_S.NEW, _I.MALFORMED): _stay(_S.NEW, Ignore("malformed request in a room")),
+    }
+    for inp in (_I.READY, _I.ACCEPT, _I.KEY, _I.MAC, _I.DONE):
+        diff[(_S.NEW, inp)] = _stay(_S.NEW, Ignore(_UNKNOWN_FLOW))
+    for state in _MOVES:
+        diff[(state, _I.WRONG_USER)] = _stay(state, Ignore(_THIRD_MEMBER))
+    return diff
+
+
+IN_ROOM_DIFFERENCES: Final[Mapping[tuple[State, Input], Outcome]] = MappingProxyType(
+    _room_differences()
+)
+"""Every pair whose outcome differs in a room, with the in-room outcome (see the module docs)."""
+
+
+def _build_room() -> dict[State, Mapping[Input, Outcome]]:
+    table: dict[State, Mapping[Input, Outcome]] = {}
+    for state, row in TRANSITIONS.items():
+        merged = dict(row)
+        for (s, inp), outcome in IN_ROOM_DIFFERENCES.items():
+            if s is state:
+                merged[inp] = outcome
+        table[state] = MappingProxyType(merged)
+    return table
+
+
+IN_ROOM_TRANSITIONS: Final[Mapping[State, Mapping[Input, Outcome]]] = MappingProxyType(
+    _build_room()
+)
+"""``TRANSITIONS`` with ``IN_ROOM_DIFFERENCES`` applied: the table of in-room flows."""
 
 _TERMINAL_OUTCOME = {s: Outcome(s, (Ignore("transaction already finished"),)) for s in State}
 
 
-def transition(state: State, inp: Input) -> Outcome:
-    """Return what ``inp`` does in ``state``. Total: every pair has an outcome.
+def transition(state: State, inp: Input, transport: Transport = Transport.TO_DEVICE) -> Outcome:
+    """Return what ``inp`` does in ``state`` for a flow over ``transport``. Total: every pair
+    has an outcome.
 
     In a terminal state everything is ignored silently (no cancel is ever sent after the end).
     """
     if state in TERMINAL_STATES:
         return _TERMINAL_OUTCOME[state]
+    if transport is Transport.IN_ROOM:
+        return IN_ROOM_TRANSITIONS[state][inp]
     return TRANSITIONS[state][inp]
 
 
@@ -641,6 +713,15 @@ def check_complete() -> None:
             sends = [a for a in outcome.actions if isinstance(a, SendCancel)]
             if sends and outcome.next_state is not State.CANCELLED:
                 problems.append(f"{state}/{inp}: SendCancel must end in CANCELLED")
+    for (state, inp), outcome in _room_differences().items():
+        if state in TERMINAL_STATES or inp not in TRANSITIONS.get(state, {}):
+            problems.append(f"in-room difference for {state}/{inp} has no to-device pair")
+        elif TRANSITIONS[state][inp] == outcome:
+            problems.append(f"in-room difference for {state}/{inp} is no difference")
+        if inp is Input.CANCEL and any(
+            isinstance(a, SendCancel | ReplyCancel | NotifyOthers) for a in outcome.actions
+        ):
+            problems.append(f"{state}: a received cancel is answered in a room")
     if problems:
         raise RuntimeError("verification transition table: " + "; ".join(problems))
 

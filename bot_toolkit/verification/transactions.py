@@ -22,7 +22,7 @@ from .info import VerificationInfo
 from .lifecycle import VerificationCancelled, VerificationDone
 from .policy import VERIFICATION_TIMEOUT, TransactionTimers
 from .sas import SasSession
-from .table import TERMINAL_STATES, CancelCode, State
+from .table import TERMINAL_STATES, CancelCode, State, Transport
 
 __all__ = ["Ctx", "Transactions", "Txn", "fingerprint"]
 
@@ -56,7 +56,14 @@ class Txn:
     """The engine recorded the outcome (it does so once)."""
     no_common_method: bool = False
     """An inbound request offering no method we support: never answered with ready."""
+    room_id: str | None = None
+    """The room of an in-room flow (``txn`` is then the request's event id); ``None``: to-device."""
     finished: asyncio.Future[VerificationDone | VerificationCancelled] | None = None
+
+    @property
+    def transport(self) -> Transport:
+        """How this flow's events travel."""
+        return Transport.TO_DEVICE if self.room_id is None else Transport.IN_ROOM
 
 
 @dataclass(slots=True)
@@ -68,6 +75,8 @@ class Ctx:
     inbound: bool = False
     cancel_code: str | None = None
     cancel_reason: str = ""
+    room_id: str | None = None
+    """The room the triggering event came from (in-room flows)."""
 
 
 def fingerprint(event: ToDeviceEvent) -> bytes:
@@ -163,11 +172,12 @@ class Transactions:
                 VerificationInfo(
                     id=t.txn,
                     user_id=t.peer_user,
-                    device_id=t.peer_device or ",".join(t.recipients),
+                    device_id=t.peer_device or ",".join(t.recipients) or "*",
                     state=t.state.value,
                     emoji=t.emoji,
                     decimals=t.decimals,
                     deadline=self.timers.deadline(t.txn),
+                    room_id=t.room_id,
                 )
             )
         return out

@@ -19,6 +19,8 @@
 //   devices {user_id, device_id?, wait?}  the crypto's view; download_keys {user_id|user_ids, device_id?}
 //   device_status {user_id, device_id}; set_device_verified {user_id, device_id, verified?}
 //   request_verification {user_id, device_id}; wait_request {user_id?, device_id?};
+//   request_verification_dm {user_id, room_id}; user_verification_status {user_id};
+//   send_room_event {room_id, type, content};
 //   accept_request / start_sas / accept_sas / wait_sas / confirm_sas / mismatch_sas /
 //   request_info {transaction_id}; wait_phase {transaction_id, phase}; cancel {transaction_id, code?, reason?}
 //   list_requests; auto_accept {enabled?, confirm?=true, mismatch?, start?, delay_ms?, user_id?, device_id?}
@@ -685,6 +687,42 @@ const commands = {
         const e = track(req, false);
         e.claimed = true;
         return requestInfo(e);
+    },
+
+    /** In-room request (as Element verifies another user): m.room.message in room_id. */
+    async request_verification_dm(args) {
+        const req = await withTimeout(
+            requireCrypto().requestVerificationDM(requireArg(args, "user_id"), requireArg(args, "room_id")),
+            args.timeout,
+            "requestVerificationDM",
+        );
+        const e = track(req, false);
+        e.claimed = true;
+        return { ...requestInfo(e), room_id: req.roomId ?? null };
+    },
+
+    /** How this client trusts user_id's identity (Rust crypto's UserVerificationStatus). */
+    async user_verification_status(args) {
+        const userId = requireArg(args, "user_id");
+        const s = await requireCrypto().getUserVerificationStatus(userId);
+        return {
+            known: s.known,
+            verified: s.isVerified(),
+            cross_signing_verified: s.isCrossSigningVerified(),
+            was_cross_signing_verified: s.wasCrossSigningVerified(),
+            needs_user_approval: s.needsUserApproval,
+            has_cross_signing_keys: await requireCrypto().userHasCrossSigningKeys(userId, true),
+        };
+    },
+
+    /** Send any room event (plaintext, or encrypted by the SDK in an encrypted room). */
+    async send_room_event(args) {
+        const res = await withTimeout(
+            requireClient().sendEvent(requireArg(args, "room_id"), requireArg(args, "type"), args.content ?? {}),
+            args.timeout,
+            "sendEvent",
+        );
+        return { event_id: res.event_id };
     },
 
     /** Wait for an incoming request (optionally from user_id / device_id) not yet returned by wait_request. */
