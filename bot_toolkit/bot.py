@@ -748,8 +748,15 @@ class Bot:
 
     async def _post_sas(self, event: SasReady) -> None:
         try:
-            room_id = await self._dm_room(event.user_id)
-            await self._send_message(room_id, sas_notice(event))
+            rooms = self.manager.rooms if self.manager is not None else None
+            if event.room_id is not None and rooms is not None:
+                # An in-room flow: the SAS goes into the flow's own room (encrypted there
+                # when the room is).
+                room_id = event.room_id
+                await rooms.send(room_id, "m.room.message", sas_notice(event))
+            else:
+                room_id = await self._dm_room(event.user_id)
+                await self._send_message(room_id, sas_notice(event))
         except Exception as e:
             self._m_dm.inc("failed")
             log.warning("could not post the SAS to %s: %s", event.user_id, _describe(e))

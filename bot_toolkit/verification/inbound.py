@@ -494,6 +494,16 @@ class Inbound:
         their_keys = await self._peer_keys.mac_keys(
             t.txn, t.peer_user, t.peer_device, ed, event.mac
         )
+        if t.room_id is not None and set(event.mac) - set(their_keys):
+            # User verification: every key the MAC names must be the device's key or the user's
+            # published master key; a MAC over any other key (say, a master key the server does
+            # not publish) is a key mismatch, not something to skip.
+            log.warning(
+                "verification %s: %s's MAC names keys that are not published; mismatch",
+                t.txn,
+                t.peer_user,
+            )
+            return Input.MAC_MISMATCH
         try:
             t.sas.verify_mac(event.mac, event.keys, their_keys)
         except SasError as exc:
