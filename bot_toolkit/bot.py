@@ -748,7 +748,8 @@ class Bot:
 
     async def _post_sas(self, event: SasReady) -> None:
         try:
-            rooms = self.manager.rooms if self.manager is not None else None
+            toolkit = self.toolkit
+            rooms = toolkit.verification.rooms if toolkit is not None else None
             if event.room_id is not None and rooms is not None:
                 # An in-room flow: the SAS goes into the flow's own room (encrypted there
                 # when the room is).
