@@ -69,7 +69,7 @@ from nio import (
 from bot_toolkit._nio_store import WrongStoreSecret, adopt_pickle_key
 from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
-from bot_toolkit.identity import identity_for
+from bot_toolkit.identity import Identity, identity_for
 from bot_toolkit.identity.startup import IdentityOptions, IdentityStartup
 from bot_toolkit.install_secret import (
     STORE_KEY_FILE,
@@ -711,6 +711,23 @@ class Bot:
         self.identity = startup
         self.state.identity = startup.detail
         self._tasks.append(asyncio.create_task(startup.run(), name="bot_toolkit.bot.identity"))
+        self._tasks.append(
+            asyncio.create_task(
+                self._enable_user_trust(startup.identity), name="bot_toolkit.bot.user_trust"
+            )
+        )
+
+    async def _enable_user_trust(self, identity: Identity) -> None:
+        """In-room user verification with our identity: our master key in MACs, verified users'
+        master keys signed, their cross-signed devices trusted (see
+        :mod:`bot_toolkit.verification.user_trust`)."""
+        toolkit = self.toolkit
+        if toolkit is None or not self.config.verification.enabled:
+            return
+        try:
+            await toolkit.verification.enable_user_trust(identity, identity.api.query_keys)
+        except Exception:
+            log.exception("user verification could not be enabled")
 
     async def _after_sync(self, client: AsyncClient, resp: SyncResponse) -> None:
         """What ``sync_forever`` does between syncs, plus joining invites."""
@@ -726,6 +743,10 @@ class Bot:
                 await client.keys_claim(client.get_users_for_key_claiming())
         for room_id, info in resp.rooms.invite.items():
             await self._maybe_join(client, room_id, info)
+        changed = resp.device_list.changed
+        toolkit = self.toolkit
+        if changed and toolkit is not None and self.config.verification.enabled:
+            toolkit.verification.device_lists_changed(changed)
 
     async def _maybe_join(self, client: AsyncClient, room_id: str, info: Any) -> None:
         inviter = None

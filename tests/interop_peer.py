@@ -461,6 +461,10 @@ class JsPeer:
             "request_verification_dm", user_id=user_id, room_id=room_id, timeout=timeout
         )
 
+    async def cross_sign_device(self, device_id: str, timeout: float = 30.0) -> None:
+        """Sign our own ``device_id`` with our self-signing key (``crossSignDevice``)."""
+        await self.call("cross_sign_device", device_id=device_id, timeout=timeout)
+
     async def user_verification_status(self, user_id: str) -> Event:
         """``getUserVerificationStatus`` (``cross_signing_verified``, ...)."""
         return await self.call("user_verification_status", user_id=user_id)

@@ -1,23 +1,30 @@
 """In-room user verification between the bot and matrix-js-sdk's Rust crypto (Element's engine).
 
 The peer verifies the bot as Element does: in a DM, ``requestVerificationDM``, every later step a
-room event relating to the request. The same runs in an unencrypted DM (as Element Web sends
-them) and in an encrypted one (as Element X does), and with the bot starting the request.
+room event relating to the request. Both sides have a cross-signing identity (the bot's from
+``bot_toolkit.identity``, the peer's from ``bootstrapCrossSigning``), so the MACs cover the master
+keys and each side ends up signing the other's: the peer reports the bot cross-signing verified,
+and the peer's master key carries the bot's user-signing signature on the server. The same runs
+in an unencrypted DM (as Element Web sends them) and in an encrypted one (as Element X does), and
+with the bot starting the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bot_toolkit.verification import VerificationDone
+from bot_toolkit.identity import Identity, identity_for
+from bot_toolkit.verification import SasReady, VerificationCancelled, VerificationDone
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.synapse import LocalSynapse
 from tests.verification_helpers import Bot, eventually, running_bot
 
-pytestmark = [pytest.mark.interop, pytest.mark.synapse, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.interop, pytest.mark.synapse, pytest.mark.timeout(300)]
 
 T = 60.0
 
@@ -27,9 +34,20 @@ async def peer(synapse: LocalSynapse) -> AsyncIterator[JsPeer]:
     require_node_peer()
     p = await started_peer(synapse, "js-dm-verifier", timeout=T)
     try:
+        await p.bootstrap_cross_signing()
         yield p
     finally:
         await p.close()
+
+
+async def with_identity(bot: Bot, tmp_path: Path) -> Identity:
+    """The bot's cross-signing identity, bootstrapped, and user trust switched on."""
+    (tmp_path / "identity").mkdir(mode=0o700, exist_ok=True)
+    identity = identity_for(bot.client, tmp_path / "identity")
+    await identity.ensure()
+    assert identity.master_key is not None
+    await bot.manager.enable_user_trust(identity, identity.api.query_keys)
+    return identity
 
 
 async def shared_dm(peer: JsPeer, bot: Bot, *, encrypted: bool) -> str:
@@ -42,9 +60,59 @@ async def shared_dm(peer: JsPeer, bot: Bot, *, encrypted: bool) -> str:
         lambda: room_id in bot.client.rooms and bot.client.rooms[room_id].encrypted == encrypted,
         within=T,
     )
-    assert peer.user_id is not None
     await peer.download_keys(bot.user_id, bot.device_id, timeout=T)
     return room_id
+
+
+async def signed_by_bot(identity: Identity, bot: Bot, user_id: str) -> bool:
+    """Whether ``user_id``'s published master key carries a signature of the bot's user."""
+    body = await identity.api.query_keys([user_id])
+    master: Any = body.get("master_keys", {}).get(user_id, {})
+    return bool(master.get("signatures", {}).get(bot.user_id))
+
+
+async def assert_mutually_verified(peer: JsPeer, bot: Bot, identity: Identity) -> None:
+    assert peer.user_id is not None
+    trust = bot.manager.user_trust
+    assert trust is not None
+    await eventually(lambda: trust.is_verified(str(peer.user_id)), within=T)
+    assert await signed_by_bot(identity, bot, peer.user_id)
+    deadline = asyncio.get_running_loop().time() + T
+    while True:  # the peer downloads our signature of its key and the bot's identity
+        status = await peer.user_verification_status(bot.user_id)
+        if status["cross_signing_verified"] or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert status["cross_signing_verified"] is True, status
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plaintext_dm", "encrypted_dm"])
+async def test_peer_requests_in_dm(
+    synapse: LocalSynapse, tmp_path: Path, peer: JsPeer, encrypted: bool
+) -> None:
+    async with running_bot(synapse, tmp_path) as bot:
+        identity = await with_identity(bot, tmp_path)
+        room_id = await shared_dm(peer, bot, encrypted=encrypted)
+        req = await peer.request_verification_dm(bot.user_id, room_id, timeout=T)
+        flow = req["transaction_id"]
+        assert flow.startswith("$")  # the flow id is the request's event id
+        await peer.wait_phase(flow, "ready", timeout=T)
+        await peer.start_sas(flow, timeout=T)
+        sas = (await peer.wait_sas(flow, timeout=T))["sas"]
+        await eventually(lambda: bool(bot.of(SasReady)), within=T)
+        ours = bot.of(SasReady)[0]
+        assert (ours.transaction_id, ours.room_id) == (flow, room_id)
+        assert [e[0] for e in ours.emoji] == [e[0] for e in sas["emoji"]]
+        assert list(ours.decimals or ()) == list(sas["decimal"])
+        await peer.confirm_sas(flow, timeout=T)
+        await peer.wait_phase(flow, "done", timeout=T)
+        await eventually(lambda: bool(bot.of(VerificationDone)), within=T)
+        done = bot.of(VerificationDone)[0]
+        assert (done.transaction_id, done.room_id, done.user_id) == (flow, room_id, peer.user_id)
+        assert len(done.verified_keys) == 2  # the device key and the master key
+        assert not bot.of(VerificationCancelled)
+        assert bot.manager.list_in_progress() == []
+        await assert_mutually_verified(peer, bot, identity)
 
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plaintext_dm", "encrypted_dm"])
@@ -52,6 +120,7 @@ async def test_bot_requests_in_dm(
     synapse: LocalSynapse, tmp_path: Path, peer: JsPeer, encrypted: bool
 ) -> None:
     async with running_bot(synapse, tmp_path) as bot:
+        identity = await with_identity(bot, tmp_path)
         room_id = await shared_dm(peer, bot, encrypted=encrypted)
         await peer.auto_accept(confirm=True, user_id=bot.user_id)
         assert peer.user_id is not None
@@ -60,3 +129,40 @@ async def test_bot_requests_in_dm(
         assert isinstance(result, VerificationDone), result
         assert (result.room_id, result.user_id) == (room_id, peer.user_id)
         await peer.wait_event("verification_done", lambda e: e["transaction_id"] == flow, T)
+        await assert_mutually_verified(peer, bot, identity)
+
+
+async def test_second_device_cross_signed_by_a_verified_user_is_trusted(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    require_node_peer()
+    user = await asyncio.to_thread(synapse.register)
+    peer = await started_peer(synapse, "js-dm-first", user=user, timeout=T)
+    second: JsPeer | None = None
+    try:
+        await peer.bootstrap_cross_signing()
+        async with running_bot(synapse, tmp_path) as bot:
+            identity = await with_identity(bot, tmp_path)
+            room_id = await shared_dm(peer, bot, encrypted=True)
+            await peer.auto_accept(confirm=True, user_id=bot.user_id)
+            flow = await bot.manager.request_user_verification(user.user_id, room_id)
+            assert isinstance(await bot.manager.wait_finished(flow, T), VerificationDone)
+            await assert_mutually_verified(peer, bot, identity)
+            # A second device of the same user, which the first one cross-signs: the bot trusts
+            # it without a SAS of its own (it is what share_with = "verified" looks at).
+            second_login = await asyncio.to_thread(synapse.login, user.user_id, user.password)
+            second = await started_peer(synapse, "js-dm-second", user=second_login, timeout=T)
+            dev2 = second_login.device_id
+            await peer.download_keys(user.user_id, dev2, timeout=T)
+            await peer.cross_sign_device(dev2, timeout=T)
+
+            def trusted() -> bool:
+                devices = bot.client.device_store[user.user_id]
+                return dev2 in devices and bool(devices[dev2].verified)
+
+            await eventually(trusted, within=T)
+            assert not bot.client.device_store[user.user_id][dev2].blacklisted
+    finally:
+        if second is not None:
+            await second.close()
+        await peer.close()

@@ -17,6 +17,9 @@ The I/O around them:
 * :mod:`.peer_keys`: peer device/master keys (:class:`NioKeySource`) and held requests.
 * :mod:`.persistence`: the restart-cancel table in the store.
 * :mod:`.lifecycle`: the lifecycle events the manager puts into the dispatcher.
+* :mod:`.rooms`: the in-room transport (room events in, ``room_send`` out; DMs).
+* :mod:`.user_trust`: verified users (master key signed, cross-signed devices trusted,
+  identity changes noticed).
 
 What a bot calls is exported here (loaded on first use, so importing a pure module such as
 ``bot_toolkit.verification.table`` loads neither nio nor aiohttp); the rest is internal and
@@ -41,6 +44,8 @@ _LAZY: dict[str, str] = {
     "VerificationCancelled": "bot_toolkit.verification.lifecycle",
     "VerificationDone": "bot_toolkit.verification.lifecycle",
     "VerificationRequested": "bot_toolkit.verification.lifecycle",
+    "UserVerified": "bot_toolkit.verification.user_trust",
+    "UserIdentityChanged": "bot_toolkit.verification.user_trust",
 }
 
 if TYPE_CHECKING:
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
     from bot_toolkit.verification.peer_keys import KeySource
     from bot_toolkit.verification.policy import VerificationPolicy
     from bot_toolkit.verification.table import State
+    from bot_toolkit.verification.user_trust import UserIdentityChanged, UserVerified
 
 
 def __getattr__(name: str) -> Any:
@@ -80,6 +86,8 @@ __all__ = [
     "SasPrompt",
     "SasReady",
     "State",
+    "UserIdentityChanged",
+    "UserVerified",
     "VerificationCancelled",
     "VerificationDone",
     "VerificationInfo",

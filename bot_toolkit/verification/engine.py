@@ -73,6 +73,7 @@ from .table import (
     transition,
 )
 from .transactions import Ctx, Transactions, Txn
+from .user_trust import UserTrust
 
 __all__ = ["MARK_FAILED_REASON", "REASONS", "Engine", "OutboxLike", "code_label"]
 
@@ -129,6 +130,8 @@ class Engine:
         self.dispatcher = dispatcher
         self.rooms = rooms
         """Sends the events of in-room flows (``None``: to-device only)."""
+        self.user_trust: UserTrust | None = None
+        """The bot's cross-signing side (our master key in MACs, signing verified users)."""
         self.outbox = outbox
         self.keys = keys
         self.policy = policy
@@ -401,7 +404,12 @@ class Engine:
         elif isinstance(action, SendMac):
             assert t.sas is not None
             _user, device, ed = self.keys.own()
-            content = t.sas.mac_content({f"ed25519:{device}": ed})
+            ours = {f"ed25519:{device}": ed}
+            master = self.user_trust.signer.master_key if self.user_trust is not None else None
+            if master is not None:
+                # Our identity too: the peer then trusts our master key, not just this device.
+                ours[f"ed25519:{master}"] = master
+            content = t.sas.mac_content(ours)
             await self._to_peer(t, KeyVerificationMac.event_type, content)
         elif isinstance(action, MarkVerified):
             assert t.peer_device is not None
@@ -414,6 +422,7 @@ class Engine:
                     t.peer_device,
                 )
                 raise _MarkFailedError
+            await self._sign_user(t)
         elif isinstance(action, SendDone):
             await self._to_peer(t, KeyVerificationDone.event_type, {"transaction_id": txn})
         elif isinstance(action, SendCancel):
@@ -454,6 +463,19 @@ class Engine:
             log.info("verification %s: local step refused (%s)", txn, action.reason)
             return False
         return None
+
+    async def _sign_user(self, t: Txn) -> None:
+        """The MAC verified another user's master key: sign it (``UserTrust.verified``).
+
+        A failure is logged and counted there; the device stays verified and the flow ends
+        normally (the peer did nothing wrong).
+        """
+        if self.user_trust is None or t.sas is None or t.peer_user == self.us().user_id:
+            return
+        device_key = f"ed25519:{t.peer_device}"
+        for key_id in t.sas.verified_keys:
+            if key_id != device_key and key_id.startswith("ed25519:"):
+                await self.user_trust.verified(t.peer_user, key_id.removeprefix("ed25519:"))
 
     def _sas(self, t: Txn, *, we_started: bool) -> SasSession:
         if t.sas is None:

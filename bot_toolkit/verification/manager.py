@@ -67,7 +67,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from .._types import DeviceId, TransactionId, UserId
@@ -85,7 +85,7 @@ from .lifecycle import (
     VerificationDone,
 )
 from .negotiation import SUPPORTED_METHODS
-from .peer_keys import KeySource, NioKeySource, PeerKeys
+from .peer_keys import KeySource, NioDeviceTrust, NioKeySource, PeerKeys
 from .persistence import RESTART_REASON, InflightStore, StoreLike
 from .policy import (
     TRANSACTION_IDLE_TIMEOUT,
@@ -100,6 +100,7 @@ from .table import (
     State,
 )
 from .transactions import Ctx, Transactions, Txn
+from .user_trust import CrossSigner, DeviceTrustStore, KeysQuery, UserTrust
 
 if TYPE_CHECKING:
     from ..nio_plugin import NioPlugin
@@ -161,6 +162,7 @@ class VerificationManager:
         self._peer_keys = PeerKeys(key_source, query_timeout=policy.key_query_timeout)
         self._attempts = AttemptTracker()
         self._nio_rooms: NioRooms | None = None
+        self._sync_callback: Callable[[Any], Awaitable[None]] | None = None
         if rooms is None and client is not None:
             self._nio_rooms = rooms = NioRooms(client, dispatcher, self.metrics)
         self.rooms = rooms
@@ -243,6 +245,13 @@ class VerificationManager:
         self._closed = True
         if self._nio_rooms is not None:
             self._nio_rooms.detach()
+        if self._sync_callback is not None:
+            cb = self._sync_callback
+            self._sync_callback = None
+            # nio has no remove_response_callback: drop ours from its list.
+            self.client.response_callbacks = [
+                c for c in self.client.response_callbacks if getattr(c, "func", None) is not cb
+            ]
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch.clear()
@@ -298,6 +307,57 @@ class VerificationManager:
         async with self._lock(txn):
             await self._engine.feed(t, Input.LOCAL_REQUEST, Ctx())
         return txn
+
+    async def enable_user_trust(
+        self,
+        signer: CrossSigner,
+        query: KeysQuery,
+        devices: DeviceTrustStore | None = None,
+    ) -> UserTrust:
+        """Take part in user verification with the bot's cross-signing identity ``signer``.
+
+        From then on our MACs cover our master key, a verified peer's master key is signed and
+        uploaded, their cross-signed devices are trusted, and identity changes are noticed (see
+        :mod:`~bot_toolkit.verification.user_trust`). ``query`` is a raw ``/keys/query``;
+        ``devices`` defaults to nio's trust store for the manager's client. Verified users'
+        device lists are re-checked after each sync that lists them as changed (a nio response
+        callback for ``sync_forever``; a bot with its own sync loop calls
+        :meth:`device_lists_changed`).
+        """
+        if devices is None:
+            if self.client is None:
+                raise ValueError("give devices (a DeviceTrustStore) without a nio client")
+            devices = NioDeviceTrust(self.client, self._peer_keys)
+        trust = UserTrust(signer, query, devices, self.store, self._engine.emit, self.metrics)
+        await trust.start()
+        self._engine.user_trust = trust
+        if self.client is not None and self._sync_callback is None:
+            from nio import SyncResponse  # noqa: PLC0415
+
+            async def on_sync(response: Any) -> None:
+                changed = getattr(getattr(response, "device_list", None), "changed", None)
+                log.debug("device lists changed: %s", changed)
+                if changed:
+                    self.device_lists_changed(changed)
+
+            self._sync_callback = on_sync
+            self.client.add_response_callback(on_sync, SyncResponse)
+        return trust
+
+    def device_lists_changed(self, user_ids: Sequence[str]) -> None:
+        """Users whose devices changed (a sync's ``device_lists.changed``): re-check the ones
+        we verified, in the background."""
+        trust = self._engine.user_trust
+        if trust is None:
+            return
+        users = [u for u in user_ids if trust.is_verified(u)]
+        if users:
+            self._engine.spawn(trust.refresh(users), "user trust refresh", ",".join(users)[:200])
+
+    @property
+    def user_trust(self) -> UserTrust | None:
+        """The verified users (after :meth:`enable_user_trust`)."""
+        return self._engine.user_trust
 
     async def request_user_verification(
         self, user_id: str, room_id: str | None = None

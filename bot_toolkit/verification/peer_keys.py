@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from .._types import DeviceId, UserId
 
-__all__ = ["KeySource", "NioKeySource", "PeerKeys"]
+__all__ = ["KeySource", "NioDeviceTrust", "NioKeySource", "PeerKeys"]
 
 log = logging.getLogger("bot_toolkit.verification.peer_keys")
 
@@ -132,6 +132,36 @@ class NioKeySource:
             return False
         self._client.verify_device(device)
         return True
+
+
+class NioDeviceTrust:
+    """:class:`~bot_toolkit.verification.user_trust.DeviceTrustStore` over nio's device store
+    (``verify_device`` / ``unverify_device``; the keys query through :class:`PeerKeys`)."""
+
+    def __init__(self, client: Any, peer_keys: PeerKeys) -> None:
+        self._client = client
+        self._peer_keys = peer_keys
+
+    async def refresh(self, user_id: str) -> None:
+        await self._peer_keys.source.query(user_id)
+
+    def _device(self, user_id: str, device_id: str) -> Any:
+        olm = self._client.olm
+        if olm is None or user_id not in olm.device_store.users:
+            return None
+        return olm.device_store[user_id].get(device_id)
+
+    def mark(self, user_id: str, device_id: str) -> bool:
+        device = self._device(user_id, device_id)
+        if device is None or device.deleted:
+            return False
+        self._client.verify_device(device)
+        return True
+
+    def unmark(self, user_id: str, device_id: str) -> None:
+        device = self._device(user_id, device_id)
+        if device is not None:
+            self._client.unverify_device(device)
 
 
 class PeerKeys:

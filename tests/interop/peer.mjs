@@ -20,7 +20,7 @@
 //   device_status {user_id, device_id}; set_device_verified {user_id, device_id, verified?}
 //   request_verification {user_id, device_id}; wait_request {user_id?, device_id?};
 //   request_verification_dm {user_id, room_id}; user_verification_status {user_id};
-//   send_room_event {room_id, type, content};
+//   send_room_event {room_id, type, content}; cross_sign_device {device_id};
 //   accept_request / start_sas / accept_sas / wait_sas / confirm_sas / mismatch_sas /
 //   request_info {transaction_id}; wait_phase {transaction_id, phase}; cancel {transaction_id, code?, reason?}
 //   list_requests; auto_accept {enabled?, confirm?=true, mismatch?, start?, delay_ms?, user_id?, device_id?}
@@ -699,6 +699,12 @@ const commands = {
         const e = track(req, false);
         e.claimed = true;
         return { ...requestInfo(e), room_id: req.roomId ?? null };
+    },
+
+    /** Sign one of our own devices with our self-signing key (we must hold it). */
+    async cross_sign_device(args) {
+        await withTimeout(requireCrypto().crossSignDevice(requireArg(args, "device_id")), args.timeout, "crossSignDevice");
+        return {};
     },
 
     /** How this client trusts user_id's identity (Rust crypto's UserVerificationStatus). */
