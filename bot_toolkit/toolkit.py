@@ -70,7 +70,7 @@ from bot_toolkit.outbox import HttpTransport, Outbox
 from bot_toolkit.store import Store
 from bot_toolkit.verification.manager import VerificationManager
 from bot_toolkit.verification.policy import VerificationPolicy
-from bot_toolkit.withheld import SharingPolicy
+from bot_toolkit.withheld import ShareWith, SharingPolicy
 
 __all__ = ["BotToolkit", "Settings", "ToolkitError"]
 
@@ -352,6 +352,7 @@ class BotToolkit:
             self._sharing = sharing
             stack.push_async_callback(self._step, "key sharing close", sharing.close)
         if self._verification_policy is not None:
+            sharing_policy = self._sharing_policy
             manager = VerificationManager(
                 client,
                 self._dispatcher,
@@ -359,6 +360,11 @@ class BotToolkit:
                 self._verification_policy,
                 self._metrics,
                 store=store,
+                # Under share_with = "verified" the peer's (unverified) devices get no room key:
+                # in-room verification events then go out in plaintext, as the spec allows.
+                encrypt_room_events=(
+                    sharing_policy is None or sharing_policy.share_with is ShareWith.ALL
+                ),
             )
             manager.watch(plugin)
             self._manager = manager

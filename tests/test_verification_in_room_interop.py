@@ -20,6 +20,7 @@ import pytest
 
 from bot_toolkit.identity import Identity, identity_for
 from bot_toolkit.verification import SasReady, VerificationCancelled, VerificationDone
+from bot_toolkit.withheld import ShareWith, SharingPolicy
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.synapse import LocalSynapse
 from tests.verification_helpers import Bot, eventually, running_bot
@@ -112,6 +113,27 @@ async def test_peer_requests_in_dm(
         assert len(done.verified_keys) == 2  # the device key and the master key
         assert not bot.of(VerificationCancelled)
         assert bot.manager.list_in_progress() == []
+        await assert_mutually_verified(peer, bot, identity)
+
+
+async def test_encrypted_dm_with_share_with_verified(
+    synapse: LocalSynapse, tmp_path: Path, peer: JsPeer
+) -> None:
+    """Under ``share_with = "verified"`` the peer's unverified device gets no room key, so the
+    bot's verification events go out in plaintext in the encrypted DM (the spec's alternative);
+    the peer's encrypted ones are read as usual."""
+    policy = SharingPolicy(share_with=ShareWith.VERIFIED)
+    async with running_bot(synapse, tmp_path, key_sharing=policy) as bot:
+        identity = await with_identity(bot, tmp_path)
+        room_id = await shared_dm(peer, bot, encrypted=True)
+        req = await peer.request_verification_dm(bot.user_id, room_id, timeout=T)
+        flow = req["transaction_id"]
+        await peer.wait_phase(flow, "ready", timeout=T)
+        await peer.start_sas(flow, timeout=T)
+        await peer.confirm_sas(flow, timeout=T)
+        await peer.wait_phase(flow, "done", timeout=T)
+        result = await bot.manager.wait_finished(flow, T)
+        assert isinstance(result, VerificationDone), result
         await assert_mutually_verified(peer, bot, identity)
 
 

@@ -143,6 +143,7 @@ class VerificationManager:
         key_source: KeySource | None = None,
         tick: float = 1.0,
         rooms: RoomSender | None = None,
+        encrypt_room_events: bool = True,
     ) -> None:
         if key_source is None:
             if client is None:
@@ -164,7 +165,9 @@ class VerificationManager:
         self._nio_rooms: NioRooms | None = None
         self._sync_callback: Callable[[Any], Awaitable[None]] | None = None
         if rooms is None and client is not None:
-            self._nio_rooms = rooms = NioRooms(client, dispatcher, self.metrics)
+            self._nio_rooms = rooms = NioRooms(
+                client, dispatcher, self.metrics, encrypt=encrypt_room_events
+            )
         self.rooms = rooms
         self._engine = Engine(
             dispatcher,

@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
+from urllib.parse import quote
 
 from ..dispatcher import Dispatcher, DispatcherClosed
 from ..events import DecodeError, VerificationEvent, decode
@@ -50,6 +52,7 @@ REQUEST_MSGTYPE: Final = "m.key.verification.request"
 _PREFIX: Final = "m.key.verification."
 _REFERENCE: Final = "m.reference"
 _ROOM_MESSAGE: Final = "m.room.message"
+_SEND_TIMEOUT: Final = 30.0
 _ROOM_WAIT: Final = 30.0
 """Seconds :meth:`NioRooms.direct_room` waits for a room it created to appear in the sync."""
 
@@ -222,8 +225,14 @@ class NioRooms:
     are, by definition, not verified yet) before encrypting.
     """
 
-    def __init__(self, client: Any, dispatcher: Dispatcher, metrics: Metrics) -> None:
+    def __init__(
+        self, client: Any, dispatcher: Dispatcher, metrics: Metrics, *, encrypt: bool = True
+    ) -> None:
         self._client = client
+        self.encrypt = encrypt
+        """Encrypt in encrypted rooms. Off when the key-sharing policy withholds room keys from
+        unverified devices (``share_with = "verified"``): the peer's devices are unverified
+        until the flow ends, so they could not decrypt; the spec then allows plaintext."""
         self._dispatcher = dispatcher
         self._callback: Callable[[Any, Any], Any] | None = None
         self._send_lock = asyncio.Lock()
@@ -292,6 +301,9 @@ class NioRooms:
     async def send(self, room_id: str, event_type: str, content: Mapping[str, Any]) -> str:
         from nio import RoomSendResponse  # noqa: PLC0415
 
+        room = self._client.rooms.get(room_id)
+        if not self.encrypt and room is not None and room.encrypted:
+            return await self._send_plaintext(room_id, event_type, content)
         # One at a time: nio's group session sharing is not safe to run concurrently per room.
         async with self._send_lock:
             resp = await self._client.room_send(
@@ -300,6 +312,38 @@ class NioRooms:
         if not isinstance(resp, RoomSendResponse):
             raise RoomSendError(f"sending {event_type} to {room_id} failed: {resp}")
         return str(resp.event_id)
+
+    async def _send_plaintext(
+        self, room_id: str, event_type: str, content: Mapping[str, Any]
+    ) -> str:
+        """``PUT /rooms/{room}/send/{type}/{txn}`` without encryption (nio's ``room_send``
+        always encrypts in an encrypted room)."""
+        import aiohttp  # noqa: PLC0415
+
+        client = self._client
+        url = (
+            f"{client.homeserver.rstrip('/')}/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
+            f"/send/{quote(event_type, safe='')}/{secrets.token_hex(12)}"
+        )
+        headers = {"Authorization": f"Bearer {client.access_token}"}
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.put(
+                    url,
+                    json=dict(content),
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=_SEND_TIMEOUT),
+                ) as resp,
+            ):
+                body = await resp.json(content_type=None)
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise RoomSendError(f"sending {event_type} to {room_id} failed: {exc}") from None
+        event_id = body.get("event_id") if isinstance(body, Mapping) else None
+        if status != 200 or not isinstance(event_id, str):
+            raise RoomSendError(f"sending {event_type} to {room_id} answered {status}")
+        return event_id
 
     async def direct_room(self, user_id: str) -> str:
         """A room whose members (joined or invited) are just us and ``user_id``; an encrypted
