@@ -360,10 +360,11 @@ class BotToolkit:
                 self._verification_policy,
                 self._metrics,
                 store=store,
-                # Under share_with = "verified" the peer's (unverified) devices get no room key:
-                # in-room verification events then go out in plaintext, as the spec allows.
+                # Under share_with = "verified" the peer's devices get no room key before the
+                # flow ends: in-room verification events then go out in plaintext, as the spec
+                # allows. ("cross_signed" shares with the peer's devices its owner signed.)
                 encrypt_room_events=(
-                    sharing_policy is None or sharing_policy.share_with is ShareWith.ALL
+                    sharing_policy is None or sharing_policy.share_with is not ShareWith.VERIFIED
                 ),
             )
             manager.watch(plugin)
