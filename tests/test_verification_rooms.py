@@ -20,9 +20,7 @@ from bot_toolkit._types import DeviceId, UserId
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.verification import (
-    Party,
     SasReady,
-    SasSession,
     State,
     VerificationCancelled,
     VerificationDone,
@@ -31,6 +29,8 @@ from bot_toolkit.verification import (
     VerificationRequested,
 )
 from bot_toolkit.verification.rooms import REQUEST_MSGTYPE, parse_room_event, room_content
+from bot_toolkit.verification.sas import SasSession
+from bot_toolkit.verification.table import Party
 from tests.fakes import FakeClock
 from tests.verification_helpers import FakeKeys, FakeOutbox, auto_confirm, eventually, settle
 
