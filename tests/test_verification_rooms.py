@@ -32,7 +32,14 @@ from bot_toolkit.verification.rooms import REQUEST_MSGTYPE, parse_room_event, ro
 from bot_toolkit.verification.sas import SasSession
 from bot_toolkit.verification.table import Party
 from tests.fakes import FakeClock
-from tests.verification_helpers import FakeKeys, FakeOutbox, auto_confirm, eventually, settle
+from tests.verification_helpers import (
+    FakeKeys,
+    FakeOutbox,
+    Side,
+    auto_confirm,
+    eventually,
+    settle,
+)
 
 ROOM = "!dm:test"
 PEER, PEER_DEV, PEER_ED = "@peer:test", "PEERDEV", "ed25519-of-peer"
@@ -45,7 +52,7 @@ class FakeRoom:
     """The room: posts get ids and timestamps and reach every member, in order."""
 
     clock: FakeClock
-    members: list[RoomSide] = field(default_factory=list)
+    members: list[Side] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def post(
@@ -91,30 +98,9 @@ class FakeRoomSender:
         return ROOM
 
 
-@dataclass
-class RoomSide:
-    keys: FakeKeys
-    outbox: FakeOutbox
-    dispatcher: Dispatcher
-    manager: VerificationManager
-    metrics: Metrics
-    lifecycle: list[object] = field(default_factory=list)
-
-    @property
-    def user_id(self) -> str:
-        return self.keys.user_id
-
-    @property
-    def device_id(self) -> str:
-        return self.keys.device_id
-
-    def of(self, cls: type) -> list[Any]:
-        return [e for e in self.lifecycle if isinstance(e, cls)]
-
-
 async def room_side(
     name: str, room: FakeRoom, clock: FakeClock, policy: VerificationPolicy | None = None
-) -> RoomSide:
+) -> Side:
     metrics = Metrics()
     dispatcher = Dispatcher(metrics, handler_timeout=30.0)
     keys = FakeKeys(f"@{name}:test", f"{name.upper()}DEV", f"ed25519-of-{name}")
@@ -133,7 +119,7 @@ async def room_side(
         tick=0,
         rooms=FakeRoomSender(room, keys.user_id),
     )
-    side = RoomSide(keys, outbox, dispatcher, manager, metrics)
+    side = Side(name, keys, outbox, dispatcher, manager, metrics)
 
     async def record(event: object) -> None:
         side.lifecycle.append(event)
@@ -146,7 +132,7 @@ async def room_side(
     return side
 
 
-async def close(*sides: RoomSide) -> None:
+async def close(*sides: Side) -> None:
     for side in sides:
         await side.manager.close()
         await side.dispatcher.close(5.0)
@@ -163,7 +149,7 @@ def room(clock: FakeClock) -> FakeRoom:
 
 
 @pytest.fixture
-async def bot(room: FakeRoom, clock: FakeClock) -> AsyncIterator[RoomSide]:
+async def bot(room: FakeRoom, clock: FakeClock) -> AsyncIterator[Side]:
     side = await room_side("bot", room, clock)
     try:
         yield side
@@ -185,12 +171,12 @@ def _ready(flow: str, device: str = PEER_DEV) -> dict[str, Any]:
     return room_content({"from_device": device, "methods": ["m.sas.v1"]}, flow)
 
 
-def _silent(room: FakeRoom, bot: RoomSide, before: int) -> bool:
+def _silent(room: FakeRoom, bot: Side, before: int) -> bool:
     """Whether the bot posted nothing after the first ``before`` events of the room."""
     return not [e for e in room.events[before:] if e["sender"] == bot.user_id]
 
 
-def _peer_sas(bot: RoomSide, flow: str, *, we_started: bool) -> SasSession:
+def _peer_sas(bot: Side, flow: str, *, we_started: bool) -> SasSession:
     return SasSession(
         transaction_id=flow,
         us=Party(UserId(PEER), DeviceId(PEER_DEV)),
@@ -200,8 +186,11 @@ def _peer_sas(bot: RoomSide, flow: str, *, we_started: bool) -> SasSession:
     )
 
 
-async def _peer_request_and_keys(room: FakeRoom, bot: RoomSide) -> tuple[str, SasSession]:
-    """The peer requests, the bot readies, the peer starts, keys are exchanged."""
+async def _peer_request_and_keys(
+    room: FakeRoom, bot: Side, *, bot_confirms: bool = True
+) -> tuple[str, SasSession]:
+    """The peer requests, the bot readies, the peer starts, keys are exchanged; with
+    ``bot_confirms`` wait for the bot's MAC, else for the SAS to wait for the operator."""
     flow = room.post(PEER, "m.room.message", _request())
     await eventually(lambda: bot.manager.state_of(flow) is State.READY)
     peer = _peer_sas(bot, flow, we_started=True)
@@ -209,6 +198,9 @@ async def _peer_request_and_keys(room: FakeRoom, bot: RoomSide) -> tuple[str, Sa
     await eventually(lambda: len(room.by(bot.user_id, "accept")) == 1)
     peer.receive_accept(room.by(bot.user_id, "accept")[0]["content"])
     room.post(PEER, "m.key.verification.key", room_content(peer.our_key_event_content(), flow))
+    if not bot_confirms:
+        await eventually(lambda: bot.manager.state_of(flow) is State.KEYS_EXCHANGED)
+        return flow, peer
     await eventually(lambda: len(room.by(bot.user_id, "key")) == 1)
     peer.receive_their_key(room.by(bot.user_id, "key")[0]["content"]["key"])
     await eventually(lambda: len(room.by(bot.user_id, "mac")) == 1)
@@ -261,7 +253,7 @@ async def test_in_room_flows_listed_with_their_room(room: FakeRoom, clock: FakeC
         "bot", room, clock, VerificationPolicy(allowed_users=["@*:test"], confirm=None)
     )
     try:
-        flow, _peer = await _peer_request_and_keys_operator(room, operator)
+        flow, _peer = await _peer_request_and_keys(room, operator, bot_confirms=False)
         (info,) = operator.manager.list_in_progress()
         assert (info.id, info.room_id, info.state) == (flow, ROOM, "keys_exchanged")
         assert len(info.emoji) == 7 and info.decimals is not None
@@ -271,22 +263,10 @@ async def test_in_room_flows_listed_with_their_room(room: FakeRoom, clock: FakeC
         await close(operator)
 
 
-async def _peer_request_and_keys_operator(room: FakeRoom, bot: RoomSide) -> tuple[str, SasSession]:
-    flow = room.post(PEER, "m.room.message", _request())
-    await eventually(lambda: bot.manager.state_of(flow) is State.READY)
-    peer = _peer_sas(bot, flow, we_started=True)
-    room.post(PEER, "m.key.verification.start", peer.start_content())
-    await eventually(lambda: len(room.by(bot.user_id, "accept")) == 1)
-    peer.receive_accept(room.by(bot.user_id, "accept")[0]["content"])
-    room.post(PEER, "m.key.verification.key", room_content(peer.our_key_event_content(), flow))
-    await eventually(lambda: bot.manager.state_of(flow) is State.KEYS_EXCHANGED)
-    return flow, peer
-
-
 # ------------------------------------------------------------------------------ master keys
 
 
-async def test_mac_over_the_published_master_key_verifies_it(room: FakeRoom, bot: RoomSide) -> None:
+async def test_mac_over_the_published_master_key_verifies_it(room: FakeRoom, bot: Side) -> None:
     flow, peer = await _peer_request_and_keys(room, bot)
     mac = peer.mac_content(
         {f"ed25519:{PEER_DEV}": PEER_ED, f"ed25519:{PUBLISHED_MASTER}": PUBLISHED_MASTER}
@@ -300,7 +280,7 @@ async def test_mac_over_the_published_master_key_verifies_it(room: FakeRoom, bot
 
 
 async def test_mac_over_an_unpublished_master_key_is_a_key_mismatch(
-    room: FakeRoom, bot: RoomSide
+    room: FakeRoom, bot: Side
 ) -> None:
     flow, peer = await _peer_request_and_keys(room, bot)
     mac = peer.mac_content(
@@ -315,7 +295,7 @@ async def test_mac_over_an_unpublished_master_key_is_a_key_mismatch(
 # ------------------------------------------------------------------------------ hostile
 
 
-async def test_key_before_accept_is_unexpected(room: FakeRoom, bot: RoomSide) -> None:
+async def test_key_before_accept_is_unexpected(room: FakeRoom, bot: Side) -> None:
     flow = await bot.manager.request_user_verification(PEER)
     room.post(PEER, "m.key.verification.ready", _ready(flow))
     await eventually(lambda: len(room.by(bot.user_id, "start")) == 1)
@@ -334,11 +314,11 @@ async def test_key_before_accept_is_unexpected(room: FakeRoom, bot: RoomSide) ->
     assert _silent(room, bot, before)
 
 
-async def settle_bot(bot: RoomSide) -> None:
-    await settle(bot)  # type: ignore[arg-type]
+async def settle_bot(bot: Side) -> None:
+    await settle(bot)
 
 
-async def test_third_member_never_changes_the_flow(room: FakeRoom, bot: RoomSide) -> None:
+async def test_third_member_never_changes_the_flow(room: FakeRoom, bot: Side) -> None:
     flow = room.post(PEER, "m.room.message", _request())
     await eventually(lambda: bot.manager.state_of(flow) is State.READY)
     before = len(room.events)
@@ -359,7 +339,7 @@ async def test_third_member_never_changes_the_flow(room: FakeRoom, bot: RoomSide
     assert len(room.by(bot.user_id, "accept")) == 1
 
 
-async def test_relation_to_an_unknown_event_gets_silence(room: FakeRoom, bot: RoomSide) -> None:
+async def test_relation_to_an_unknown_event_gets_silence(room: FakeRoom, bot: Side) -> None:
     room.post(PEER, "m.key.verification.ready", _ready("$nothing"))
     room.post(PEER, "m.key.verification.key", room_content({"key": "abc"}, "$nothing"))
     room.post(
@@ -373,7 +353,7 @@ async def test_relation_to_an_unknown_event_gets_silence(room: FakeRoom, bot: Ro
     assert bot.manager.list_in_progress() == []
 
 
-async def test_malformed_start_is_an_invalid_message(room: FakeRoom, bot: RoomSide) -> None:
+async def test_malformed_start_is_an_invalid_message(room: FakeRoom, bot: Side) -> None:
     flow = room.post(PEER, "m.room.message", _request())
     await eventually(lambda: bot.manager.state_of(flow) is State.READY)
     start = _peer_sas(bot, flow, we_started=True).start_content()
@@ -384,14 +364,14 @@ async def test_malformed_start_is_an_invalid_message(room: FakeRoom, bot: RoomSi
 
 
 async def test_request_older_than_ten_minutes_is_ignored(
-    room: FakeRoom, bot: RoomSide, clock: FakeClock
+    room: FakeRoom, bot: Side, clock: FakeClock
 ) -> None:
     flow = room.post(PEER, "m.room.message", _request(), ts=clock() - 601)
     await settle_bot(bot)
     assert bot.manager.state_of(flow) is None and _silent(room, bot, 0)
 
 
-async def test_request_for_someone_else_is_ignored(room: FakeRoom, bot: RoomSide) -> None:
+async def test_request_for_someone_else_is_ignored(room: FakeRoom, bot: Side) -> None:
     flow = room.post(PEER, "m.room.message", _request(to=CAROL))
     room.post(
         PEER, "m.key.verification.start", _peer_sas(bot, flow, we_started=True).start_content()
@@ -438,7 +418,7 @@ async def test_another_device_of_ours_answering_dismisses_the_request(
         await close(side)
 
 
-async def test_peer_cancel_is_never_answered(room: FakeRoom, bot: RoomSide) -> None:
+async def test_peer_cancel_is_never_answered(room: FakeRoom, bot: Side) -> None:
     flow = room.post(PEER, "m.room.message", _request())
     await eventually(lambda: bot.manager.state_of(flow) is State.READY)
     before = len(room.events)
@@ -453,9 +433,7 @@ async def test_peer_cancel_is_never_answered(room: FakeRoom, bot: RoomSide) -> N
     assert _silent(room, bot, before)
 
 
-async def test_event_of_the_flow_from_another_room_is_ignored(
-    room: FakeRoom, bot: RoomSide
-) -> None:
+async def test_event_of_the_flow_from_another_room_is_ignored(room: FakeRoom, bot: Side) -> None:
     flow = room.post(PEER, "m.room.message", _request())
     await eventually(lambda: bot.manager.state_of(flow) is State.READY)
     before = len(room.events)
