@@ -15,6 +15,8 @@ from typing import Final, Literal
 
 from nio.store import DefaultStore
 
+from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
+
 __all__ = ["NIO_DEFAULT_PICKLE_KEY", "WrongStoreSecret", "adopt_pickle_key"]
 
 log = logging.getLogger("bot_toolkit.nio_store")

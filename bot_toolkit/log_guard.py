@@ -16,6 +16,11 @@ own messages about bad events). Three guards keep the log readable under attack:
 * **Rate limit.** :class:`FloodGuard` lets through at most ``burst`` records per call site
   (logger, file, line) in each ``window`` seconds; the next record that passes says how many
   were suppressed. A flood of bad events costs a bounded number of lines.
+* **No SQL parameters.** At DEBUG, peewee (nio's store) logs every statement with its
+  parameters, among them nio's pickled Olm account and sessions, and aiosqlite (bot_toolkit's
+  store) logs every call with its arguments. :class:`SqlParameterFilter`, attached to those two
+  loggers when this module is imported (so also for bots that set up logging themselves), keeps
+  the statement (peewee) or the operation's name (aiosqlite) and drops every parameter.
 """
 
 from __future__ import annotations
@@ -26,7 +31,16 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["MAX_ARG", "MAX_FOREIGN_MESSAGE", "FloodGuard", "json_safe", "one_line"]
+__all__ = [
+    "MAX_ARG",
+    "MAX_FOREIGN_MESSAGE",
+    "SQL_LOGGERS",
+    "FloodGuard",
+    "SqlParameterFilter",
+    "guard_sql_loggers",
+    "json_safe",
+    "one_line",
+]
 
 MAX_ARG: Final = 256
 """Longest string argument of a log record, in characters (the rest is cut, marked)."""
@@ -133,3 +147,36 @@ class FloodGuard(logging.Filter):
                 return
             if len(message) > MAX_FOREIGN_MESSAGE:
                 record.msg, record.args = _cut(message, MAX_FOREIGN_MESSAGE), None
+
+
+SQL_LOGGERS: Final = ("peewee", "aiosqlite")
+"""Loggers that print SQL parameters at DEBUG (nio's peewee store, bot_toolkit's aiosqlite)."""
+
+
+class SqlParameterFilter(logging.Filter):
+    """Rewrites SQL debug records so no parameter (a pickled key, a message) reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, tuple) and len(msg) == 2 and isinstance(msg[0], str):  # peewee
+            params = msg[1]
+            count = len(params) if isinstance(params, list | tuple) else 0
+            record.msg, record.args = "%s [%d parameters not logged]", (msg[0], count)
+        elif record.name.startswith("aiosqlite"):
+            words = str(msg).split()
+            what = words[0] if words else "call"
+            func = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            name = getattr(getattr(func, "func", func), "__name__", type(func).__name__)
+            record.msg, record.args = "%s %s [arguments not logged]", (what, name)
+        return True
+
+
+def guard_sql_loggers() -> None:
+    """Attach :class:`SqlParameterFilter` to :data:`SQL_LOGGERS` (idempotent)."""
+    for name in SQL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, SqlParameterFilter) for f in logger.filters):
+            logger.addFilter(SqlParameterFilter())
+
+
+guard_sql_loggers()

@@ -88,6 +88,7 @@ from nio import AsyncClient, KeysQueryError
 from nio.exceptions import VerificationError
 
 from bot_toolkit import events as _events
+from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
 from bot_toolkit._inbound_link import InboundLink
 from bot_toolkit._json_depth import exceeds_depth
 from bot_toolkit._nio_adapter import NioHooks, drop_empty_entries, ensure_supported

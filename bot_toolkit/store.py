@@ -14,8 +14,8 @@ the machine itself goes down. Callers that batch their writes (the outbox does) 
 once per batch, so FULL costs little.
 
 The file is created readable by its owner only: it can hold outbound message contents until the
-homeserver has accepted them. For the same reason, keep the ``aiosqlite`` logger above DEBUG in
-production: at DEBUG it logs every statement with its parameters.
+homeserver has accepted them. At DEBUG, aiosqlite would log every call with its parameters:
+:mod:`bot_toolkit.log_guard` (imported here) keeps only the operation's name.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiosqlite
+
+from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
 
 __all__ = ["DEFAULT_FILENAME", "Store", "StoreError"]
 

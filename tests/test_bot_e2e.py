@@ -32,6 +32,7 @@ from bot_toolkit.install_secret import store_secret
 from tests.bot_helpers import BotRun, TcpForwarder, metric, new_admin_token, write_config
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.nio_helpers import stored_trust
+from tests.secret_scan import assert_no_key_material
 from tests.synapse import LocalSynapse, RegisteredUser, free_port
 
 pytestmark = [pytest.mark.synapse, pytest.mark.timeout(420)]
@@ -262,11 +263,12 @@ async def test_run_verify_stop_restart(
         )
         assert verified == [True, True]
 
-        # ---- no secrets in any log
+        # ---- no secrets in any log (DEBUG): nor any key material the stores hold
         for r in runs:
             log = r.log()
             for secret in (bot_user.password, session["access_token"], admin):
                 assert secret not in log
+            assert_no_key_material(log, data_dir)
     finally:
         for r in runs:
             r.kill()

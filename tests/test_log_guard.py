@@ -141,3 +141,25 @@ def test_handler_drops_flooded_lines(logs: tuple[io.StringIO, io.StringIO]) -> N
     lines = text.getvalue().splitlines()
     assert 1 <= len(lines) <= 20, len(lines)
     print(f"2000 identical warnings -> {len(lines)} log lines", file=sys.stderr)
+
+
+def test_sql_parameters_never_reach_a_log(caplog: pytest.LogCaptureFixture) -> None:
+    """peewee (nio's store) and aiosqlite (ours) log parameters at DEBUG: the filter attached
+    to their loggers on import keeps only the statement / the operation."""
+    import functools  # noqa: PLC0415
+
+    pickle = "c2VjcmV0IG9sbSBhY2NvdW50IHBpY2tsZQ"
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("peewee").debug(('UPDATE "accounts" SET "account" = ?', [pickle, 1]))
+
+        def execute(sql: str, params: list[str]) -> None: ...
+
+        logging.getLogger("aiosqlite").debug(
+            "executing %s", functools.partial(execute, "INSERT INTO t VALUES (?)", [pickle])
+        )
+    assert pickle not in caplog.text
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        'UPDATE "accounts" SET "account" = ? [2 parameters not logged]',
+        "executing execute [arguments not logged]",
+    ]

@@ -26,6 +26,7 @@ from tests.bot_helpers import BotRun, metric, new_admin_token, write_config
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.nio_helpers import close_clients, make_client, syncing
 from tests.plugin_helpers import Replies, room_with_bot
+from tests.secret_scan import assert_no_key_material
 from tests.synapse import LocalSynapse, RegisteredUser, free_port
 
 pytestmark = [pytest.mark.synapse, pytest.mark.timeout(300)]
@@ -161,6 +162,10 @@ async def test_ping_in_encrypted_room_despite_faulty_plugin(
     assert rc == 0, log[-3000:]
     assert "plugin ping stopped" in log and "plugin faulty stopped" in log
     assert bot.password not in log
+    # Issue 11: a whole DEBUG run (key sharing both ways, a verification) logs no key material:
+    # no stored secret or piece of one, nothing that unpickles or imports as Olm/Megolm keys.
+    tried = assert_no_key_material(log, tmp_path / "data")
+    print(f"DEBUG log: {len(log)} bytes, {tried} key-like strings tried, none opened")
 
 
 async def _bot_device(run: BotRun, tmp_path: Path) -> str:
