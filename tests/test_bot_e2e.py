@@ -274,6 +274,68 @@ async def test_run_verify_stop_restart(
             r.kill()
 
 
+@pytest.mark.interop
+async def test_sigkill_mid_verification_stays_cancelled_after_restart(
+    synapse: LocalSynapse, tmp_path: Path, peers: list[JsPeer]
+) -> None:
+    """Issue 11 (8): the bot is SIGKILLed after its ready; the peer's start arrives while it is
+    down. The restarted bot cancels the transaction ("verifier restarted") and then ignores
+    that start: no accept, no new start-first flow, no second cancel."""
+    peer = peers[0]
+    bot_user = await asyncio.to_thread(synapse.register)
+    data_dir = tmp_path / "data"
+    port = free_port()
+    admin = new_admin_token()
+    config = write_config(
+        tmp_path / "bot.toml",
+        homeserver=synapse.url,
+        user_id=bot_user.user_id,
+        data_dir=data_dir,
+        port=port,
+        admin_token=admin,
+        confirm="operator",
+        allowed_users=[str(peer.user_id)],
+    )
+    env = {"BOT_TOOLKIT_PASSWORD": bot_user.password}
+    runs: list[BotRun] = []
+    try:
+        run = BotRun(config, port, tmp_path / "run1.log", env).start()
+        runs.append(run)
+        await run.wait_status("/readyz", 200, within=T)
+        bot_device = _session(data_dir)["device_id"]
+        await peer.download_keys(bot_user.user_id, bot_device, timeout=T)
+        txn = (await peer.request_verification(bot_user.user_id, bot_device, timeout=T))[
+            "transaction_id"
+        ]
+        await peer.wait_phase(txn, "ready", timeout=T)
+        run.kill()  # SIGKILL: nothing is cleaned up
+        await peer.start_sas(txn, timeout=T)  # reaches the homeserver while the bot is down
+
+        run = BotRun(config, port, tmp_path / "run2.log", env).start()
+        runs.append(run)
+        await run.wait_status("/readyz", 200, within=T)
+        cancelled = await peer.wait_phase(txn, "cancelled", timeout=T)
+        text = await _metrics_until(
+            run,
+            "bot_toolkit_events_dispatched_total",
+            1,
+            event_type="m.key.verification.start",
+        )
+        await run.wait_log(f"verification {txn}: cancelled --start--> cancelled", within=T)
+        log = run.log()
+        assert f"{txn}: new --start-->" not in log  # never a new (start-first) flow
+        assert "legacy_started_in" not in log
+        assert "cancelling verification " + txn + " left by a restart" in log
+        assert metric(text, "bot_toolkit_verification_cancels_sent_total", code="m.user") == 1
+        assert metric(text, "bot_toolkit_verification_cancels_sent_total") == 1
+        code, body = await run.get("/admin/verifications", token=admin)
+        assert (code, body) == (200, {"verifications": []})
+        assert "m.user" in json.dumps(cancelled), cancelled
+    finally:
+        for r in runs:
+            r.kill()
+
+
 async def test_homeserver_down_at_start_and_mid_run(synapse: LocalSynapse, tmp_path: Path) -> None:
     bot_user: RegisteredUser = await asyncio.to_thread(synapse.register)
     hs_port = free_port()  # nothing listens here yet: the homeserver is "down"
