@@ -280,7 +280,7 @@ class KeySharing:
         # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
         self._key_requests: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._nio_queued: set[int] = set()  # ids of nio's to-device messages being handed over
-        self._reoffered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._rotate: set[str] = set()  # Megolm session ids to replace before the next message
         self._m_room_keys = metrics.counter(
             "room_keys_queued_total",
             "Megolm room keys stored in the outbox for a device",
@@ -288,7 +288,7 @@ class KeySharing:
         )
         self._m_room_key_failures = metrics.counter(
             "room_key_failures_total",
-            "Room keys not delivered (what: store, refused_reoffered, refused_withheld)",
+            "Room keys not delivered (what: store, refused_withheld)",
             ["what"],
         )
         self._m_forwarded = metrics.counter(
@@ -452,6 +452,14 @@ class KeySharing:
         self, olm: Any, original: Callable[[str], bool]
     ) -> Callable[[str], bool]:
         def should_share_group_session(room_id: str) -> bool:
+            current = olm.outbound_group_sessions.get(room_id)
+            if self._attached and current is not None and current.id in self._rotate:
+                # Some devices' keys for it were refused (they were told m.unavailable): the
+                # next message starts a new session, offered to every device.
+                self._rotate.discard(current.id)
+                del olm.outbound_group_sessions[room_id]
+                log.info("rotating the Megolm session of %s after a refused room key", room_id)
+                return True
             if original(room_id):
                 return True
             if not self._attached:
@@ -728,6 +736,11 @@ class KeySharing:
             self._key_requests[txn_id] = (room_id, session.id)
         while len(self._key_requests) > _REQUESTS_REMEMBERED:
             self._key_requests.popitem(last=False)
+        try:
+            await self.room_keys.note_requests(txn_ids, room_id, session.id)
+        except Exception:
+            # The keys are stored; only a refusal of them after a restart goes unanswered.
+            self._error("note_requests")
         self._m_room_keys.inc(amount=len(shared))
         log.info(
             "room key of %s (session %s, index %d) stored for %d devices in %d requests",
@@ -739,50 +752,49 @@ class KeySharing:
         )
 
     async def _on_send_failed(self, event: OutboxSendFailed) -> None:
-        """The homeserver refused a request carrying room keys: re-offer or tell why.
+        """The homeserver refused a request carrying room keys: tell why, offer a new key.
 
-        While the session is still the room's current one, each refused device is taken out of
-        its ``users_shared_with`` and the next ``room_send`` offers it the same session again
-        (once). Otherwise, or when the re-offer is refused too, the device gets
-        ``m.room_key.withheld`` with ``m.unavailable`` for that session.
+        Each refused device gets ``m.room_key.withheld`` with ``m.unavailable`` for that
+        session: the messages it cannot read now say why. When the session is still the room's
+        current one it is discarded, so the next message uses a new session and offers its key
+        to every device again, the refused ones included. (Offering the old session again would
+        give them its key only from the current message index on: what they missed would stay
+        unreadable with no reason shown.)
         """
-        entry = self._key_requests.pop(event.txn_id, None)
         olm = self.client.olm
-        if entry is None or olm is None or not self._attached:
+        if olm is None or not self._attached:
+            return
+        entry = self._key_requests.pop(event.txn_id, None)
+        if entry is None:  # sent by an earlier run, or not a room-key request
+            entry = await self.room_keys.request_session(event.txn_id)
+        if entry is None:
             return
         room_id, session_id = entry
-        session = olm.outbound_group_sessions.get(room_id)
-        current = session is not None and session.id == session_id and not session.expired
-        withheld: list[SharedKey] = []
-        reoffer: set[PeerDevice] = set()
+        refused: list[SharedKey] = []
         for user_id, device_id in event.recipients:
             record = await self.room_keys.lookup(session_id, user_id, device_id)
-            if record is None:
-                continue  # another message packed into the same request
-            key = (session_id, user_id, device_id)
-            if current and key not in self._reoffered:
-                self._reoffered[key] = None
-                session.users_shared_with.discard((user_id, device_id))
-                reoffer.add(PeerDevice(user_id, device_id, record.curve25519))
-            else:
-                withheld.append(record)
-        while len(self._reoffered) > _REQUESTS_REMEMBERED:
-            self._reoffered.popitem(last=False)
-        if reoffer:
-            old = self._unreached.get(room_id)
-            known = old[1] if old is not None and old[0] == session_id else set()
-            self._unreached[room_id] = (session_id, known | reoffer)
-            self._m_room_key_failures.inc("refused_reoffered", amount=len(reoffer))
-            log.warning(
-                "room key of %s refused for %d devices (%d %s); offering it again with the next "
-                "message",
-                room_id,
-                len(reoffer),
-                event.status,
-                event.errcode,
-            )
-        if withheld:
-            await self._withhold_unavailable(withheld)
+            if record is not None:  # else another message packed into the same request
+                refused.append(record)
+        if not refused:
+            return
+        session = olm.outbound_group_sessions.get(room_id)
+        rotated = session is not None and session.id == session_id
+        if rotated:
+            # Not now: the refusal may arrive while the session is still being shared.
+            self._rotate.add(session_id)
+            while len(self._rotate) > _REQUESTS_REMEMBERED:
+                self._rotate.pop()
+        log.warning(
+            "room key of %s (session %s) refused for %d devices (%d %s); telling them "
+            "m.unavailable%s",
+            room_id,
+            session_id,
+            len(refused),
+            event.status,
+            event.errcode,
+            "; the next message uses a new session" if rotated else "",
+        )
+        await self._withhold_unavailable(refused)
 
     async def _withhold_unavailable(self, records: list[SharedKey]) -> None:
         _, device_id, curve = self._own()
@@ -802,7 +814,7 @@ class KeySharing:
             return
         self._counters.sent.inc(WithheldCode.UNAVAILABLE, amount=len(records))
         self._m_room_key_failures.inc("refused_withheld", amount=len(records))
-        log.warning("room key refused for %d devices; told them m.unavailable", len(records))
+        log.info("told %d devices m.unavailable for a refused room key", len(records))
 
     # ----------------------------------------------------------------- nio's own to-device queue
 

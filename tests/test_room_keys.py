@@ -76,6 +76,7 @@ class PeerView:
     room_id: str
     keys: dict[str, int] = field(default_factory=dict)  # session id -> times received
     forwarded: dict[str, int] = field(default_factory=dict)
+    withheld: list[dict[str, Any]] = field(default_factory=list)  # contents received
     events: dict[str, Any] = field(default_factory=dict)  # event id -> event
 
     async def sync(self, poll_ms: int = 200) -> None:
@@ -86,6 +87,8 @@ class PeerView:
                 self.keys[event.session_id] = self.keys.get(event.session_id, 0) + 1
             elif isinstance(event, ForwardedRoomKeyEvent):
                 self.forwarded[event.session_id] = self.forwarded.get(event.session_id, 0) + 1
+            elif getattr(event, "source", {}).get("type") == "m.room_key.withheld":
+                self.withheld.append(event.source["content"])
         room = resp.rooms.join.get(self.room_id)
         for event in room.timeline.events if room is not None else ():
             if isinstance(event, (MegolmEvent, RoomMessageText)):
@@ -262,6 +265,35 @@ def _payloads(device: RawDevice) -> list[dict[str, Any]]:
         for e in device.to_device_events
         if e["type"] == "m.room.encrypted" and (p := device.decrypt_olm(e)) is not None
     ]
+
+
+@pytest.mark.synapse
+async def test_a_refused_room_key_is_withheld_with_a_reason_and_the_next_message_rotates(
+    synapse: LocalSynapse, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    proxy.plan.append(Fault.reply(400, "json"))  # a permanent refusal: never retried
+    bot, peer, view = await _bot_and_peer(synapse, tmp_path, proxy)
+    try:
+        first, old_session = await _say(bot, view.room_id, "first")
+        await bot.dispatcher_idle()  # OutboxSendFailed reached key sharing
+        assert await bot.outbox.flush(10.0)
+        second, new_session = await _say(bot, view.room_id, "second")
+        assert new_session != old_session
+        await view.sync_until_readable([second])
+        await view.sync(poll_ms=0)
+        assert view.decrypted() == {second: "second"}  # "first" is not readable ...
+        assert view.keys == {new_session: 1}
+        [notice] = view.withheld  # ... and the peer was told why
+        assert (notice["code"], notice["session_id"], notice["room_id"]) == (
+            "m.unavailable",
+            old_session,
+            view.room_id,
+        )
+        failures = bot.metrics.get("room_key_failures_total")
+        assert failures is not None and failures.get("refused_withheld") == 1
+    finally:
+        await bot.stop()
+        await close_clients(peer)
 
 
 # ------------------------------------------------------------------ SIGKILL and restart
