@@ -17,6 +17,7 @@ __all__ = [
     "EncryptionNotReady",
     "OwnIdentity",
     "device_keys",
+    "device_verified",
     "our_identity",
     "sign_with_device",
 ]
@@ -104,3 +105,14 @@ def sign_with_device(client: AsyncClient, message: bytes) -> str:
         EncryptionNotReady: the client has no Olm machine yet.
     """
     return str(_olm(client).account.sign(message.decode("utf-8")))
+
+
+def device_verified(client: AsyncClient, user_id: str, device_id: str) -> bool:
+    """Whether nio's store marks the device verified (by a SAS with this device).
+
+    Raises:
+        EncryptionNotReady: the client has no Olm machine yet.
+    """
+    olm = _olm(client)
+    device = _known_device(olm, user_id, device_id)
+    return device is not None and bool(olm.is_device_verified(device))

@@ -710,6 +710,8 @@ class Bot:
         )
         self.identity = startup
         self.state.identity = startup.detail
+        if self.toolkit is not None and cfg.from_own_devices:
+            self.toolkit.take_keys_from_own_devices()
         self._tasks.append(asyncio.create_task(startup.run(), name="bot_toolkit.bot.identity"))
         self._tasks.append(
             asyncio.create_task(

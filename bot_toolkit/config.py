@@ -367,6 +367,10 @@ class IdentityConfig:
     passphrase: Secret | None = field(default=None, repr=False)
     """The secret storage passphrase instead of the recovery key; or
     ``BOT_TOOLKIT_IDENTITY_PASSPHRASE``."""
+    from_own_devices: bool = True
+    """Self-verification: after a session of the bot's own account verified this device (SAS),
+    ask it for the private cross-signing keys (only over Olm, checked against the published
+    keys). The session must be in ``verification.own_devices``."""
 
 
 @dataclass(frozen=True, slots=True)

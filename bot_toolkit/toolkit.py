@@ -58,9 +58,12 @@ from nio import AsyncClient, KeysUploadResponse
 
 from bot_toolkit import key_sharing as _key_sharing
 from bot_toolkit import nio_plugin as _nio_plugin
+from bot_toolkit._nio_identity import device_keys, device_verified
 from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit.events import SecretSend
 from bot_toolkit.identity.api import IdentityApi
 from bot_toolkit.identity.nio_glue import identity_for, nio_requester
+from bot_toolkit.identity.secret_sharing import SecretRequests
 from bot_toolkit.identity.service import Identity
 from bot_toolkit.identity.trust import CrossSigningTrust
 from bot_toolkit.inbound_queue import InboundQueue
@@ -68,6 +71,7 @@ from bot_toolkit.install_secret import store_secret
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.outbox import HttpTransport, Outbox
 from bot_toolkit.store import Store
+from bot_toolkit.verification.lifecycle import VerificationDone
 from bot_toolkit.verification.manager import VerificationManager
 from bot_toolkit.verification.policy import VerificationPolicy
 from bot_toolkit.withheld import ShareWith, SharingPolicy
@@ -164,6 +168,7 @@ class BotToolkit:
         self._outbox: Outbox | None = None
         self._sharing: _key_sharing.KeySharing | None = None
         self._identity: Identity | None = None
+        self._secret_requests: SecretRequests | None = None
         self._manager: VerificationManager | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._state = "new"  # new -> starting -> running -> closed
@@ -256,6 +261,28 @@ class BotToolkit:
         if self._identity is None:
             self._identity = identity_for(self._client, self._data_dir)
         return self._identity
+
+    def take_keys_from_own_devices(self) -> SecretRequests:
+        """Self-verification: when one of the bot user's own sessions verifies this device
+        (SAS), ask it for the private cross-signing keys (``m.secret.request``) and take its
+        ``m.secret.send`` answers (Olm-encrypted, from that verified device, checked against
+        the published keys). After :meth:`start`; once."""
+        if self._secret_requests is None:
+            client = self._client
+            dispatcher, outbox = self.dispatcher, self.outbox
+            requests = SecretRequests(
+                self.identity,
+                outbox.send,
+                device_verified=lambda d: device_verified(client, client.user_id, d),
+                device_curve25519=lambda d: getattr(
+                    device_keys(client, client.user_id, d), "curve25519", None
+                ),
+                metrics=self._metrics,
+            )
+            dispatcher.register(SecretSend, requests.on_secret_send)
+            dispatcher.register(VerificationDone, requests.on_verification_done)
+            self._secret_requests = requests
+        return self._secret_requests
 
     def _part(self, part: P | None, name: str) -> P:
         if part is None:

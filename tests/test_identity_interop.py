@@ -242,3 +242,61 @@ async def test_bot_recovers_an_identity_made_by_the_js_sdk(
         if bot is not None:
             bot.kill()
         await peer.close()
+
+
+async def test_self_verification_gets_the_keys_from_our_own_session(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    """The peer, logged in as the bot's user with its own cross-signing keys, verifies the bot's
+    device by SAS and answers the bot's m.secret.request; the bot ends cross-signed, holding
+    the same identity's private keys."""
+    require_node_peer()
+    user = await asyncio.to_thread(synapse.register)
+    peer = await started_peer(synapse, "identity-self-verify", user=user, timeout=T)
+    bot: BotRun | None = None
+    try:
+        master = (await peer.bootstrap_cross_signing(password=user.password))["master_key"]
+        config = tmp_path / "self.toml"
+        write_config(
+            config,
+            homeserver=synapse.url,
+            user_id=user.user_id,
+            data_dir=tmp_path / "data",
+            port=(port := free_port()),
+            admin_token=ADMIN_TOKEN,
+            confirm="auto",
+        )
+        text = config.read_text().replace(
+            "[verification]\n", f"[verification]\nown_devices = [{json.dumps(user.device_id)}]\n"
+        )
+        config.write_text(text)
+        bot = BotRun(
+            config, port, tmp_path / "self.log", {"BOT_TOOLKIT_PASSWORD": user.password}
+        ).start()
+        await _identity_detail(bot, "device not cross-signed")
+        bot_device = _device_id(tmp_path / "data")
+
+        await peer.download_keys(user.user_id, bot_device, timeout=T)
+        txn = (await peer.request_verification(user.user_id, bot_device, timeout=T))[
+            "transaction_id"
+        ]
+        await peer.wait_phase(txn, "ready", timeout=T)
+        await peer.start_sas(txn, timeout=T)
+        await peer.confirm_sas(txn, timeout=T)
+        await peer.wait_phase(txn, "done", timeout=T)
+
+        detail = await _identity_detail(bot, "device cross-signed")
+        assert "keys from secret_sharing" in detail and master in detail
+        stored = IdentityStore(tmp_path / "data").load(user.user_id)
+        assert stored is not None and stored.keys.master.public_key == master
+        assert (await peer.device_status(user.user_id, bot_device))["signed_by_owner"] is True
+        _, metrics = await bot.get("/metrics")
+        assert metric(metrics, "bot_toolkit_identity_secret_requests_total") == 3.0
+        assert metric(metrics, "bot_toolkit_identity_secrets_rejected_total") == 0.0
+        assert await bot.terminate() == 0
+        for secret in _secrets_of(tmp_path / "data", user.user_id):
+            assert secret not in bot.log()
+    finally:
+        if bot is not None:
+            bot.kill()
+        await peer.close()
