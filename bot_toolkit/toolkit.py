@@ -74,6 +74,7 @@ from bot_toolkit.store import Store
 from bot_toolkit.verification.lifecycle import VerificationDone
 from bot_toolkit.verification.manager import VerificationManager
 from bot_toolkit.verification.policy import VerificationPolicy
+from bot_toolkit.verification.user_trust import UserIdentityChanged, UserVerified
 from bot_toolkit.withheld import ShareWith, SharingPolicy
 
 __all__ = ["BotToolkit", "Settings", "ToolkitError"]
@@ -373,9 +374,16 @@ class BotToolkit:
                 clock=self._clock,
             )
             # Other users' cross-signing, for share_with = cross_signed / verified.
-            sharing.cross_signing = CrossSigningTrust(
-                IdentityApi(nio_requester(client), client.user_id)
-            )
+            cross_signing = CrossSigningTrust(IdentityApi(nio_requester(client), client.user_id))
+            sharing.cross_signing = cross_signing
+
+            async def user_changed(event: UserVerified | UserIdentityChanged) -> None:
+                # We just signed (or lost) this user's master key: ask again, so keys go to
+                # (or stop going to) their cross-signed devices at once.
+                cross_signing.invalidate([event.user_id])
+
+            self._dispatcher.register(UserVerified, user_changed)
+            self._dispatcher.register(UserIdentityChanged, user_changed)
             self._sharing = sharing
             stack.push_async_callback(self._step, "key sharing close", sharing.close)
         if self._verification_policy is not None:

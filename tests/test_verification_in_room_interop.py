@@ -163,7 +163,8 @@ async def test_second_device_cross_signed_by_a_verified_user_is_trusted(
     second: JsPeer | None = None
     try:
         await peer.bootstrap_cross_signing()
-        async with running_bot(synapse, tmp_path) as bot:
+        policy = SharingPolicy(share_with=ShareWith.VERIFIED)
+        async with running_bot(synapse, tmp_path, key_sharing=policy) as bot:
             identity = await with_identity(bot, tmp_path)
             room_id = await shared_dm(peer, bot, encrypted=True)
             await peer.auto_accept(confirm=True, user_id=bot.user_id)
@@ -184,6 +185,16 @@ async def test_second_device_cross_signed_by_a_verified_user_is_trusted(
 
             await eventually(trusted, within=T)
             assert not bot.client.device_store[user.user_id][dev2].blacklisted
+            # And it gets the room key under share_with = "verified": it reads what the bot says.
+            await bot.client.room_send(
+                room_id, "m.room.message", {"msgtype": "m.text", "body": "for every device"}
+            )
+            got = await second.wait_event(
+                "room_event",
+                lambda e: e.get("room_id") == room_id and e.get("body") == "for every device",
+                timeout=T,
+            )
+            assert got["encrypted"] is True and got["decryption_failure"] is None
     finally:
         if second is not None:
             await second.close()
