@@ -545,8 +545,12 @@ class JsPeer:
     async def set_recovery_key(self, recovery_key: str) -> None:
         await self.call("set_recovery_key", recovery_key=recovery_key)
 
-    async def bootstrap_cross_signing(self, password: str | None = None) -> Event:
-        return await self.call("bootstrap_cross_signing", password=password, timeout=60)
+    async def bootstrap_cross_signing(
+        self, password: str | None = None, *, reset: bool = False
+    ) -> Event:
+        return await self.call(
+            "bootstrap_cross_signing", password=password, reset=reset, timeout=60
+        )
 
     async def create_secret_storage(self) -> str:
         res = await self.call("create_secret_storage", timeout=60)

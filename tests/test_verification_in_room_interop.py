@@ -19,7 +19,12 @@ from typing import Any
 import pytest
 
 from bot_toolkit.identity import Identity, identity_for
-from bot_toolkit.verification import SasReady, VerificationCancelled, VerificationDone
+from bot_toolkit.verification import (
+    SasReady,
+    UserIdentityChanged,
+    VerificationCancelled,
+    VerificationDone,
+)
 from bot_toolkit.withheld import ShareWith, SharingPolicy
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.synapse import LocalSynapse
@@ -198,4 +203,41 @@ async def test_second_device_cross_signed_by_a_verified_user_is_trusted(
     finally:
         if second is not None:
             await second.close()
+        await peer.close()
+
+
+async def test_identity_change_of_a_verified_user_is_noticed(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    require_node_peer()
+    user = await asyncio.to_thread(synapse.register)
+    peer = await started_peer(synapse, "js-dm-resetter", user=user, timeout=T)
+    try:
+        await peer.bootstrap_cross_signing()
+        async with running_bot(synapse, tmp_path) as bot:
+            identity = await with_identity(bot, tmp_path)
+            changes: list[UserIdentityChanged] = []
+
+            async def record(event: UserIdentityChanged) -> None:
+                changes.append(event)
+
+            bot.dispatcher.register(UserIdentityChanged, record)
+            room_id = await shared_dm(peer, bot, encrypted=True)
+            await peer.auto_accept(confirm=True, user_id=bot.user_id)
+            flow = await bot.manager.request_user_verification(user.user_id, room_id)
+            assert isinstance(await bot.manager.wait_finished(flow, T), VerificationDone)
+            await assert_mutually_verified(peer, bot, identity)
+            trust = bot.manager.user_trust
+            assert trust is not None
+            old = trust.master_key_of(user.user_id)
+            # The user resets their cross-signing identity (as "Reset" in Element does; the
+            # password answers the server's interactive auth).
+            await peer.bootstrap_cross_signing(password=user.password, reset=True)
+            await eventually(lambda: bool(changes), within=T)
+            assert changes[0].user_id == user.user_id and changes[0].old_master_key == old
+            assert changes[0].new_master_key not in (None, old)
+            assert not trust.is_verified(user.user_id)
+            assert bot.metrics.get("user_identity_changes_total").get() == 1  # type: ignore[union-attr]
+            assert not bot.client.device_store[user.user_id][peer.device_id].verified
+    finally:
         await peer.close()

@@ -154,7 +154,13 @@ class UserTrust:
         return user_id in self._users
 
     def verified_users(self) -> tuple[str, ...]:
+        """The users whose identity we verified, sorted."""
         return tuple(sorted(self._users))
+
+    def master_key_of(self, user_id: str) -> str | None:
+        """The master key we verified for ``user_id`` (``None``: not verified)."""
+        entry = self._users.get(user_id)
+        return None if entry is None else entry[0]
 
     async def verified(self, user_id: str, master_key: str) -> bool:
         """``user_id``'s master key ``master_key`` was verified by a SAS: sign and upload it,

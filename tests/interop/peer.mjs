@@ -30,7 +30,8 @@
 //   user_identity {user_id}             userHasCrossSigningKeys (downloading) + their master key
 //   cross_signing_status                 our own: status, master key id, isCrossSigningReady
 //   set_recovery_key {recovery_key}      the secret storage key getSecretStorageKey answers with
-//   bootstrap_cross_signing {password?}  bootstrapCrossSigning (UIA with the password if asked)
+//   bootstrap_cross_signing {password?, reset?}  bootstrapCrossSigning (UIA with the password if asked;
+//                                        reset: a new identity even if one exists)
 //   create_secret_storage                new default SSSS key + keys in it; returns recovery_key
 //   set_isolation_mode {mode: "only_signed"|"all"}; encryption_info {room_id, event_id}
 //   room_messages {room_id}              decrypted timeline events seen (room_event notifications)
@@ -893,6 +894,7 @@ const commands = {
         const c = requireClient();
         await withTimeout(
             requireCrypto().bootstrapCrossSigning({
+                setupNewCrossSigning: Boolean(args.reset),
                 authUploadDeviceSigningKeys: async (makeRequest) => {
                     if (!args.password) return makeRequest(null);
                     return makeRequest({
