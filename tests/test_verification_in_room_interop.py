@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nio import RoomMessageText
 
 from bot_toolkit.identity import Identity, identity_for
 from bot_toolkit.verification import (
@@ -240,4 +241,103 @@ async def test_identity_change_of_a_verified_user_is_noticed(
             assert bot.metrics.get("user_identity_changes_total").get() == 1  # type: ignore[union-attr]
             assert not bot.client.device_store[user.user_id][peer.device_id].verified
     finally:
+        await peer.close()
+
+
+async def test_hostile_room_events_on_the_wire(synapse: LocalSynapse, tmp_path: Path) -> None:
+    """On a real room: a third member's events pointing at the flow and a relation to an
+    unknown event get silence and change nothing (the flow completes); a malformed start from
+    the peer gets m.invalid_message; the peer's cancel after that is not answered."""
+    require_node_peer()
+    peer = await started_peer(synapse, "js-dm-peer", timeout=T)
+    carol = await started_peer(synapse, "js-dm-carol", timeout=T)
+    try:
+        await peer.bootstrap_cross_signing()
+        assert carol.user_id is not None
+        async with running_bot(synapse, tmp_path) as bot:
+            await with_identity(bot, tmp_path)
+            room_id = await shared_dm(peer, bot, encrypted=False)
+            await peer.invite(room_id, carol.user_id)
+            await carol.join(room_id, timeout=T)
+            await eventually(lambda: carol.user_id in bot.client.rooms[room_id].users, within=T)
+
+            flow = (await peer.request_verification_dm(bot.user_id, room_id, timeout=T))[
+                "transaction_id"
+            ]
+            await peer.wait_phase(flow, "ready", timeout=T)
+            ref = {"m.relates_to": {"rel_type": "m.reference", "event_id": flow}}
+            await carol.send_room_event(
+                room_id, "m.key.verification.cancel", {"code": "m.user", "reason": "x", **ref}
+            )
+            await carol.send_room_event(room_id, "m.key.verification.key", {"key": "AAAA", **ref})
+            # Synapse refuses relations to events it does not have: relate to a plain message.
+            text = await carol.send_room_event(
+                room_id, "m.room.message", {"msgtype": "m.text", "body": "no flow"}
+            )
+            unknown = {"m.relates_to": {"rel_type": "m.reference", "event_id": text}}
+            await peer.send_room_event(
+                room_id,
+                "m.key.verification.ready",
+                {"from_device": peer.device_id, "methods": ["m.sas.v1"], **unknown},
+            )
+            await peer.start_sas(flow, timeout=T)
+            await peer.confirm_sas(flow, timeout=T)
+            await peer.wait_phase(flow, "done", timeout=T)
+            assert isinstance(await bot.manager.wait_finished(flow, T), VerificationDone)
+            assert not bot.of(VerificationCancelled)
+
+            # A malformed start (no hashes) in a second flow: m.invalid_message.
+            flow2 = (await peer.request_verification_dm(bot.user_id, room_id, timeout=T))[
+                "transaction_id"
+            ]
+            await peer.wait_phase(flow2, "ready", timeout=T)
+            start = {
+                "from_device": peer.device_id,
+                "method": "m.sas.v1",
+                "key_agreement_protocols": ["curve25519-hkdf-sha256"],
+                "message_authentication_codes": ["hkdf-hmac-sha256.v2"],
+                "short_authentication_string": ["decimal", "emoji"],
+                "m.relates_to": {"rel_type": "m.reference", "event_id": flow2},
+            }
+            await peer.send_room_event(room_id, "m.key.verification.start", start)
+            cancelled = await bot.manager.wait_finished(flow2, T)
+            assert isinstance(cancelled, VerificationCancelled)
+            assert (cancelled.code, cancelled.by_us) == ("m.invalid_message", True)
+            # The peer's cancel now is never answered: the bot sends exactly one cancel.
+            await peer.send_room_event(
+                room_id,
+                "m.key.verification.cancel",
+                {"code": "m.user", "reason": "late", "m.relates_to": start["m.relates_to"]},
+            )
+            # Once the bot has synced past a marker sent after that cancel and is idle, a message
+            # of its own comes after anything it would have answered (one timeline order).
+            seen: list[str] = []
+
+            async def on_text(_room: Any, event: Any) -> None:
+                seen.append(getattr(event, "body", ""))
+
+            bot.client.add_event_callback(on_text, RoomMessageText)
+            await peer.send_room_event(
+                room_id, "m.room.message", {"msgtype": "m.text", "body": "marker"}
+            )
+            await eventually(lambda: "marker" in seen, within=T)
+            assert await bot.dispatcher.join(timeout=T)
+            await bot.client.room_send(
+                room_id, "m.room.message", {"msgtype": "m.text", "body": "end"}
+            )
+            await carol.wait_event(
+                "room_event",
+                lambda e: e.get("room_id") == room_id and e.get("body") == "end",
+                timeout=T,
+            )
+            bot_cancels = [
+                e
+                for e in carol.events
+                if e.get("event") == "room_event"
+                and e.get("sender") == bot.user_id
+                and e.get("type") == "m.key.verification.cancel"
+            ]
+            assert len(bot_cancels) == 1
+    finally:
+        await carol.close()
         await peer.close()
