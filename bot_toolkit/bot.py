@@ -110,6 +110,7 @@ STORE_FILE: Final = "bot_toolkit.sqlite3"
 
 _FIRST_RETRY: Final = 1.0
 _DRAIN_TIMEOUT: Final = 10.0
+_HANDLER_TIMEOUT: Final = 60.0
 _HTTP_TIMEOUT: Final = 30.0
 _FATAL_ERRCODES: Final = frozenset(
     {"M_FORBIDDEN", "M_USER_DEACTIVATED", "M_INVALID_USERNAME", "M_UNKNOWN_TOKEN"}
@@ -630,6 +631,8 @@ class Bot:
                 outbox_backoff_max=cfg.outbox.backoff_max,
                 outbox_max_pending=cfg.outbox.max_pending,
                 flush_deadline=cfg.outbox.flush_deadline,
+                # the plugins' own limit must be the one that applies to their handlers
+                handler_timeout=max(_HANDLER_TIMEOUT, cfg.plugins.handler_timeout),
             ),
             http_session=self._session,
         )

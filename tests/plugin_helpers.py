@@ -19,7 +19,8 @@ T = 60.0
 
 
 async def room_with_bot(user: AsyncClient, bot_id: str, *, within: float = T) -> str:
-    """An encrypted room the user made and the bot joined (the bot joins allowed inviters)."""
+    """An encrypted room the user made and the bot joined (the bot joins allowed inviters),
+    once the user's client knows the bot's device keys."""
     encryption = {
         "type": "m.room.encryption",
         "state_key": "",
@@ -37,6 +38,14 @@ async def room_with_bot(user: AsyncClient, bot_id: str, *, within: float = T) ->
                 lambda: bot_id in user.rooms[room_id].users and user.rooms[room_id].encrypted,
                 within=within,
                 what="the user's client sees the bot in the encrypted room",
+            )
+            # nio's room_send shares the room key only with devices it already knows (it
+            # queries keys itself only while the member list is unsynced): wait until the
+            # syncing client has queried the bot's device keys, or the bot could not decrypt.
+            await wait_until(
+                lambda: any(True for _ in user.device_store.active_user_devices(bot_id)),
+                within=within,
+                what="the user's client knows the bot's device keys",
             )
             return room_id
         await asyncio.sleep(0.2)

@@ -359,6 +359,7 @@ async def test_mounted_plugins_answer_in_an_encrypted_room(
         )
     mount = ["-v", f"{ROOT / 'examples' / 'plugins'}:/plugins:ro"]
     bot = RunningBot(image, config, data, password, port, extra=mount)
+    failed: Exception | None = None
     try:
         await asyncio.to_thread(bot.wait_ready)
         replies = Replies(user, user_id)
@@ -368,9 +369,13 @@ async def test_mounted_plugins_answer_in_an_encrypted_room(
             assert (pong.body, pong.decrypted) == ("pong container", True)
             hello = await replies.ask(user, room_id, "!hello world")
             assert (hello.body, hello.decrypted) == ("hi from the container, world", True)
+    except Exception as e:
+        failed = e
     finally:
         rc = await asyncio.to_thread(bot.stop)
     output = bot.output()
+    if failed is not None:
+        raise AssertionError(f"{failed}\nthe bot's output:\n{output[-6000:]}") from failed
     assert rc == 0, output[-3000:]
     assert "plugin hello stopped" in output and "plugin ping stopped" in output, output[-3000:]
     assert password not in output
