@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -53,6 +54,7 @@ __all__ = [
     "ensure_supported",
     "inbound_group_sessions",
     "olm_encrypt",
+    "send_sender_device_keys",
     "share_room_key",
 ]
 
@@ -313,8 +315,11 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         "_olm_encrypt",
         "function",
         ("session", "recipient_device", "message_type", "content"),
-        "call",
-        "encrypt an m.dummy for the outbox (nio only sends to-device messages itself)",
+        "patch",
+        "encrypt an m.dummy / forwarded key for the outbox (nio only sends to-device messages "
+        "itself); patched to add sender_device_keys (MSC4147) to every Olm payload, which nio "
+        f"0.26 does not send ({_NO_ISSUE})",
+        defect=True,
     ),
     NioName(
         "GroupSessionStore",
@@ -555,6 +560,49 @@ def olm_encrypt(
     ``Olm._olm_encrypt``), to be sent by the outbox."""
     encrypted: dict[str, Any] = olm._olm_encrypt(session, device, event_type, dict(content))
     return encrypted
+
+
+class _WithSenderDeviceKeys:
+    """An Olm session whose ``encrypt`` adds ``sender_device_keys`` to the JSON payload nio
+    built; everything else (pickling when nio saves the session) goes to the real session."""
+
+    __slots__ = ("_keys", "_session")
+
+    def __init__(self, session: Any, keys: Mapping[str, Any]) -> None:
+        self._session = session
+        self._keys = keys
+
+    def encrypt(self, plaintext: str) -> Any:
+        payload = json.loads(plaintext)
+        if isinstance(payload, dict) and "sender_device_keys" not in payload:
+            payload["sender_device_keys"] = dict(self._keys)
+            plaintext = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        return self._session.encrypt(plaintext)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def send_sender_device_keys(
+    hooks: NioHooks, olm: Any, device_keys: Callable[[], Mapping[str, Any] | None]
+) -> None:
+    """Add ``sender_device_keys`` (MSC4147: our device keys as ``/keys/query`` returns them,
+    with their signatures) to every Olm payload ``olm`` encrypts, as Element does: a receiver
+    that has not fetched our keys yet can still tell which (cross-signed) device sent it.
+    ``device_keys()`` is read at each encryption; ``None`` sends nio's payload unchanged."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _olm_encrypt(
+            session: Any, recipient_device: Any, message_type: str, content: Any
+        ) -> Any:
+            keys = device_keys()
+            if keys is not None:
+                session = _WithSenderDeviceKeys(session, keys)
+            return original(session, recipient_device, message_type, content)
+
+        return _olm_encrypt
+
+    hooks.install(olm, "_olm_encrypt", make)
 
 
 # ----------------------------------------------------------------------------- room keys

@@ -58,6 +58,7 @@ from nio import AsyncClient, KeysUploadResponse
 
 from bot_toolkit import key_sharing as _key_sharing
 from bot_toolkit import nio_plugin as _nio_plugin
+from bot_toolkit._nio_adapter import NioHooks, send_sender_device_keys
 from bot_toolkit._nio_identity import device_keys, device_verified
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import SecretSend
@@ -341,6 +342,14 @@ class BotToolkit:
         )
         self._plugin = plugin
         stack.push_async_callback(self._step, "plugin detach", _sync(plugin.detach))
+        # MSC4147: our device keys (cross-signatures included) in every Olm payload we send.
+        hooks = NioHooks()
+        send_sender_device_keys(
+            hooks,
+            client.olm,
+            lambda: self._identity.device_keys_json if self._identity is not None else None,
+        )
+        stack.push_async_callback(self._step, "sender_device_keys hook", _sync(hooks.undo))
         store = await Store.open_in(self._data_dir)
         self._store = store
         stack.push_async_callback(self._step, "store close", store.close)

@@ -60,7 +60,7 @@ EXPECTED: list[tuple[str, str, str, tuple[str, ...] | None, str]] = [
         "_olm_encrypt",
         "function",
         ("session", "recipient_device", "message_type", "content"),
-        "call",
+        "patch",
     ),
     ("Olm", "key_requests_waiting_for_session", "instance attribute", None, "read"),
     ("GroupSessionStore", "_entries", "instance attribute", None, "read"),
@@ -82,6 +82,7 @@ DEFECTS = {
     "Olm.key_requests_waiting_for_session",
     "GroupSessionStore._entries",
     "DeviceStore._entries",
+    "Olm._olm_encrypt",
     "SessionStore._entries",
 }
 CLASSES: dict[str, type] = {

@@ -115,6 +115,9 @@ class Identity:
         self.master_key: str | None = None
         self.keys: CrossSigningKeys | None = None
         """The private keys once we hold them (never log them)."""
+        self.device_keys_json: Mapping[str, Any] | None = None
+        """Our device's keys as the homeserver last published them (with every signature,
+        the self-signing key's too once cross-signed): sent as ``sender_device_keys``."""
 
     # ----------------------------------------------------------------- reading
 
@@ -127,7 +130,10 @@ class Identity:
         devices = body.get("device_keys")
         mine = devices.get(self.user_id) if isinstance(devices, Mapping) else None
         device_json = mine.get(self.device.device_id) if isinstance(mine, Mapping) else None
-        return _Published(keys, device_json if isinstance(device_json, Mapping) else None)
+        if not isinstance(device_json, Mapping):
+            return _Published(keys, None)
+        self.device_keys_json = {k: v for k, v in device_json.items() if k != "unsigned"}
+        return _Published(keys, device_json)
 
     async def published(self) -> PublishedKeys | None:
         """The public keys the homeserver publishes for our user now (checked)."""
