@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from bot_toolkit._types import DeviceId, UserId
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.metrics import Metrics
+from bot_toolkit.store import Store
 from bot_toolkit.verification import (
     SasReady,
     State,
@@ -99,7 +101,11 @@ class FakeRoomSender:
 
 
 async def room_side(
-    name: str, room: FakeRoom, clock: FakeClock, policy: VerificationPolicy | None = None
+    name: str,
+    room: FakeRoom,
+    clock: FakeClock,
+    policy: VerificationPolicy | None = None,
+    store: Store | None = None,
 ) -> Side:
     metrics = Metrics()
     dispatcher = Dispatcher(metrics, handler_timeout=30.0)
@@ -118,6 +124,7 @@ async def room_side(
         key_source=keys,
         tick=0,
         rooms=FakeRoomSender(room, keys.user_id),
+        store=store,
     )
     side = Side(name, keys, outbox, dispatcher, manager, metrics)
 
@@ -449,3 +456,31 @@ async def test_event_of_the_flow_from_another_room_is_ignored(room: FakeRoom, bo
     bot.dispatcher.put_nowait(parsed)
     await settle_bot(bot)
     assert bot.manager.state_of(flow) is State.READY and _silent(room, bot, before)
+
+
+async def test_flow_left_by_a_restart_is_cancelled_in_its_room(
+    room: FakeRoom, clock: FakeClock, tmp_path: Path
+) -> None:
+    store = await Store.open(tmp_path / "bot.sqlite3")
+    try:
+        first = await room_side("bot", room, clock, store=store)
+        flow = room.post(PEER, "m.room.message", _request())
+        await eventually(lambda: first.manager.state_of(flow) is State.READY)
+        await close(first)
+        room.members.clear()
+        before = len(room.events)
+        second = await room_side("bot", room, clock, store=store)
+        try:
+            cancels = room.by(second.user_id, "cancel")
+            assert [e["content"]["code"] for e in cancels] == ["m.user"]
+            assert cancels[0]["content"]["reason"] == "verifier restarted"
+            assert cancels[0]["content"]["m.relates_to"]["event_id"] == flow
+            assert room.events.index(cancels[0]) >= before
+        finally:
+            await close(second)
+        # Once is enough: a further restart sends nothing.
+        third = await room_side("bot", room, clock, store=store)
+        await close(third)
+        assert len(room.by(second.user_id, "cancel")) == 1
+    finally:
+        await store.close()

@@ -308,12 +308,13 @@ class Engine:
 
     async def _begin(self, t: Txn) -> None:
         self._txns.begin(t)
+        # The overall deadline: what a restart must honour (the request lapse is shorter).
+        deadline = self.clock() + self.policy.timeout
         if t.room_id is None:
-            # The overall deadline: what a restart must honour (the request lapse is shorter).
-            # In-room flows are not in the restart table (its cancels are to-device messages).
-            deadline = self.clock() + self.policy.timeout
             devices = (t.peer_device,) if t.peer_device is not None else t.recipients
             await self._inflight.add(t.txn, t.peer_user, devices, deadline)
+        else:
+            await self._inflight.add_room(t.txn, t.room_id, t.peer_user, deadline)
         self.emit(
             VerificationRequested(
                 t.txn,

@@ -92,7 +92,7 @@ from .policy import (
     AttemptTracker,
     VerificationPolicy,
 )
-from .rooms import NioRooms, RoomSender, request_content
+from .rooms import NioRooms, RoomSender, request_content, room_content
 from .table import (
     TERMINAL_STATES,
     CancelCode,
@@ -235,12 +235,38 @@ class VerificationManager:
         )
         for txn, user in cancelled.items():
             self._txns.cancelled_earlier(TransactionId(txn), UserId(user), RESTART_REASON)
+        sent += await self._cancel_room_flows_left_over()
         if self._nio_rooms is not None:
             self._nio_rooms.attach()
         if self._timer_task is None and self.tick > 0:
             self._timer_task = asyncio.get_running_loop().create_task(
                 self._timer_loop(), name="bot_toolkit.verification.timers"
             )
+        return sent
+
+    async def _cancel_room_flows_left_over(self) -> int:
+        """In-room flows left by the last run: one cancel (``m.user``, "verifier restarted")
+        into each flow's room, so the peer's Element does not wait; a flow id is an event id,
+        never reused, so nothing else needs remembering. Returns how many were sent."""
+        left = await self._inflight.room_restart_cancels(self.clock())
+        left = {txn: v for txn, v in left.items() if txn not in self._txns}
+        sent = 0
+        for txn, (room_id, user) in sorted(left.items()):
+            if self.rooms is None:
+                break
+            content = {"transaction_id": txn, "code": str(CancelCode.USER)}
+            content["reason"] = RESTART_REASON
+            try:
+                await self.rooms.send(
+                    room_id, KeyVerificationCancel.event_type, room_content(content, txn)
+                )
+            except Exception as exc:
+                log.warning("verification %s: restart cancel not sent: %s", txn, str(exc)[:200])
+                continue
+            log.info("cancelled verification %s with %s left by a restart", txn, user)
+            self._engine.m_cancels.inc(str(CancelCode.USER))
+            sent += 1
+        await self._inflight.forget(left)
         return sent
 
     async def close(self) -> None:

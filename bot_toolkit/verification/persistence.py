@@ -50,6 +50,16 @@ _MIGRATIONS: Final[dict[int, list[str]]] = {
         )
         """
     ],
+    3: [
+        """
+        CREATE TABLE verification_room_inflight (
+            txn TEXT PRIMARY KEY,
+            room_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            deadline REAL NOT NULL
+        )
+        """
+    ],
 }
 
 CancelMessages = dict[str, dict[str, dict[str, Any]]]
@@ -99,6 +109,33 @@ class InflightStore:
         await self.forget(expired - by_txn.keys())
         return by_txn
 
+    async def room_restart_cancels(self, now: float) -> dict[str, tuple[str, str]]:
+        """The unexpired in-room flows of the last run: ``{flow id: (room id, user)}``; expired
+        ones are forgotten. Call after :meth:`restart_cancels` (which migrates), and
+        :meth:`forget` with the ids dealt with."""
+        if self.store is None:
+            return {}
+        rows = await self.store.fetchall(
+            "SELECT txn, room_id, user_id, deadline FROM verification_room_inflight"
+        )
+        live = {str(t): (str(r), str(u)) for t, r, u, d in rows if float(d) > now}
+        await self.forget({str(t) for t, *_ in rows} - live.keys())
+        return live
+
+    async def add_room(self, txn: str, room_id: str, user: str, deadline: float) -> None:
+        """Keep a live in-room flow (logged, never raised, on failure)."""
+        if self.store is None:
+            return
+        try:
+            async with self.store.transaction() as conn:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO verification_room_inflight "
+                    "(txn, room_id, user_id, deadline) VALUES (?, ?, ?, ?)",
+                    (txn, room_id, user, deadline),
+                )
+        except Exception:
+            log.exception("could not persist verification %s", txn)
+
     async def cancelled(self, now: float) -> dict[str, str]:
         """Transactions cancelled at an earlier restart and still remembered: ``{txn: user}``.
 
@@ -135,6 +172,7 @@ class InflightStore:
         async with self.store.transaction() as conn:
             for txn in ids:
                 await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
+                await conn.execute("DELETE FROM verification_room_inflight WHERE txn = ?", (txn,))
 
     async def clear(self) -> None:
         """Forget every kept transaction."""
@@ -143,6 +181,7 @@ class InflightStore:
         async with self.store.transaction() as conn:
             await conn.execute("DELETE FROM verification_inflight")
             await conn.execute("DELETE FROM verification_cancelled")
+            await conn.execute("DELETE FROM verification_room_inflight")
 
     async def add(self, txn: str, user: str, devices: Sequence[str], deadline: float) -> None:
         """Keep a live transaction (logged, never raised, on failure)."""
@@ -166,5 +205,6 @@ class InflightStore:
         try:
             async with self.store.transaction() as conn:
                 await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
+                await conn.execute("DELETE FROM verification_room_inflight WHERE txn = ?", (txn,))
         except Exception:
             log.exception("could not forget verification %s", txn)

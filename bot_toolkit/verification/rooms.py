@@ -302,7 +302,9 @@ class NioRooms:
         from nio import RoomSendResponse  # noqa: PLC0415
 
         room = self._client.rooms.get(room_id)
-        if not self.encrypt and room is not None and room.encrypted:
+        if room is None or (not self.encrypt and room.encrypted):
+            # A room nio has not synced yet (a restart cancel before the first sync) cannot be
+            # encrypted for; verification events are not secret.
             return await self._send_plaintext(room_id, event_type, content)
         # One at a time: nio's group session sharing is not safe to run concurrently per room.
         async with self._send_lock:
