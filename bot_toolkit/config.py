@@ -315,7 +315,7 @@ class VerificationConfig:
     """Answer verification requests at all."""
     allowed_users: tuple[str, ...] = field(default=(), metadata=_check(_patterns))
     """User ids or glob patterns (``@*:example.org``) allowed to verify; others are refused.
-    Empty: nobody."""
+    Empty: nobody. The bot also joins rooms these users invite it to."""
     confirm: Literal["auto", "operator"] = "operator"
     """``operator``: wait for the operator to compare and confirm the SAS (admin API);
     ``auto``: confirm automatically for allowed users."""
@@ -323,9 +323,10 @@ class VerificationConfig:
     """Also send the emoji and decimals to the verifying user in a direct message."""
     timeout: float = field(default=600.0, metadata=_check(_verification_timeout))
     """Seconds before an unfinished verification is cancelled with ``m.timeout``."""
-    max_error_replies: int = field(default=3, metadata=_check(_at_least(0)))
-    """At most this many cancel replies per peer device per minute for malformed or unexpected
-    events; more are dropped, so a misbehaving peer cannot make the bot flood."""
+    max_error_replies: int = field(default=5, metadata=_check(_at_least(0)))
+    """At most this many cancel replies per peer user per minute for malformed or unexpected
+    events; more are dropped, so a misbehaving peer cannot make the bot flood (the library's
+    :class:`~bot_toolkit.verification.VerificationPolicy` default too)."""
     own_devices: tuple[str, ...] = field(default=(), metadata=_check(_device_ids))
     """Device ids of the bot's own account that may verify the bot and get its room keys.
     Empty (the default): no other device of the bot's account is ever verified or given a key,

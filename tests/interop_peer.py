@@ -115,11 +115,33 @@ async def started_peer(
     return peer
 
 
+_session_log_dir: Path | None = None
+
+
 def _log_dir() -> Path:
+    """``BOT_TOOLKIT_INTEROP_LOG_DIR`` (kept), else a temporary directory of this test process,
+    removed by :func:`remove_session_logs` when the session passed."""
+    global _session_log_dir  # noqa: PLW0603 - one directory per test process
     d = os.environ.get("BOT_TOOLKIT_INTEROP_LOG_DIR")
-    path = Path(d) if d else Path(tempfile.gettempdir()) / "bot-toolkit-interop-logs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if d:
+        path = Path(d)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if _session_log_dir is None:
+        _session_log_dir = Path(tempfile.mkdtemp(prefix="bot-toolkit-interop-logs-"))
+    return _session_log_dir
+
+
+def remove_session_logs(*, keep: bool) -> Path | None:
+    """At the end of a test session: delete this process's peer logs, or (``keep``, e.g. after a
+    failure) leave them and return their directory. ``BOT_TOOLKIT_INTEROP_LOG_DIR`` is never
+    touched."""
+    global _session_log_dir
+    path, _session_log_dir = _session_log_dir, None
+    if path is None or keep:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 class JsPeer:
