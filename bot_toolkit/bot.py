@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -121,6 +121,9 @@ T = TypeVar("T")
 
 class BotError(RuntimeError):
     """A fatal problem the bot cannot retry its way out of; ``str()`` is one line."""
+
+    one_line: ClassVar[bool] = True
+    """The message says it all: the CLI logs and prints it without a traceback."""
 
 
 class _Transient(Exception):

@@ -191,7 +191,10 @@ def _guarded(what: str, run: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as e:
-        log.critical("%s failed", what, exc_info=True)
+        # An expected fatal problem (a refused password, an unusable data directory) says all
+        # in its one line; anything else is a bug and gets its traceback in the log.
+        expected = getattr(e, "one_line", False) is True
+        log.critical("%s failed: %s", what, e, exc_info=not expected)
         _err(f"fatal: {what}: {type(e).__name__}: {e}")
         return EXIT_FATAL
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from bot_toolkit.metrics import Metrics
 
 if TYPE_CHECKING:
+    from bot_toolkit._decode_report import DecodeErrorReporter
     from bot_toolkit.events import ToDeviceEvent
 
 __all__ = [
@@ -193,7 +194,6 @@ class Dispatcher:
         self._workers: set[asyncio.Task[None]] = set()
         self._deadlines: dict[asyncio.Task[Any], float] = {}  # task -> when its handler expires
         self._expired: dict[asyncio.Task[Any], int] = {}  # task -> cancels the watchdog issued
-        self._logged_decode_errors: set[tuple[str, str, str]] = set()
         self._started = False
         self._closed = False
         self._close_result: asyncio.Future[CloseSummary] | None = None
@@ -207,6 +207,7 @@ class Dispatcher:
             "Handler failures (kind: exception or timeout)",
             ["handler", "event_type", "kind"],
         )
+        self._decode_report: DecodeErrorReporter | None = None
         self._m_decode = m.counter(
             "decode_errors_total", "To-device events that failed to decode", ["event_type"]
         )
@@ -386,38 +387,21 @@ class Dispatcher:
         WARNING once per distinct (event type, path, reason). ``DispatcherClosed`` still raises.
         """
         # imported lazily: nothing else in the dispatcher needs the event schema
-        from bot_toolkit.events import DecodeError, decode, event_type_label  # noqa: PLC0415
+        from bot_toolkit._decode_report import DecodeErrorReporter  # noqa: PLC0415
+        from bot_toolkit.events import DecodeError, decode  # noqa: PLC0415
 
         try:
             event = decode(raw, decrypted_from=decrypted_from)
         except DecodeError as exc:  # decode() raises nothing else
-            self._decode_failed(
-                event_type_label(exc.event_type),
-                exc.event_type or "<unknown>",
-                exc.path,
-                exc.reason,
-            )
+            if self._decode_report is None:
+                self._decode_report = DecodeErrorReporter(
+                    self._m_decode, logger, limit=_MAX_LOGGED_DECODE_ERRORS
+                )
+            sender = raw.get("sender") if isinstance(raw, Mapping) else None
+            self._decode_report.report(exc, sender)
             return None
         await self.put(event)
         return event
-
-    def _decode_failed(self, label: str, event_type: str, path: str, reason: str) -> None:
-        self._m_decode.inc(label)  # the raw type is sender-chosen: never a label
-        seen = self._logged_decode_errors
-        triple = (event_type, path, reason)
-        if triple in seen:
-            return
-        if len(seen) >= _MAX_LOGGED_DECODE_ERRORS:
-            return
-        seen.add(triple)
-        logger.warning(
-            "cannot decode %s event at %s: %s (later identical errors are only counted)",
-            event_type,
-            path or "<root>",
-            reason,
-        )
-        if len(seen) == _MAX_LOGGED_DECODE_ERRORS:
-            logger.warning("too many distinct decode errors; new ones are only counted now")
 
     def _wake_putter(self) -> None:
         putters = self._putters

@@ -87,8 +87,8 @@ from typing import Any, Final
 from nio import AsyncClient, KeysQueryError
 from nio.exceptions import VerificationError
 
-from bot_toolkit import events as _events
 from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
+from bot_toolkit._decode_report import DecodeErrorReporter
 from bot_toolkit._inbound_link import InboundLink
 from bot_toolkit._json_depth import exceeds_depth
 from bot_toolkit._nio_adapter import NioHooks, drop_empty_entries, ensure_supported
@@ -261,11 +261,13 @@ class NioPlugin:
         self._batch: list[ToDeviceEvent] | None = None
         self._unparsed: deque[object] = deque()
         self._envelope: _Envelope | None = None
-        self._logged_decode_errors: set[tuple[str, str, str]] = set()
         self._received: list[tuple[int, Mapping[str, Any] | None, str | None]] = []
         """Per event of the batch being handled: wire position, raw form, Olm sender key."""
         self._wire_index = -1
         self._inbound: InboundLink | None = None
+        self._decode_report = DecodeErrorReporter(
+            self._m_decode, logger, limit=_MAX_LOGGED_DECODE_ERRORS
+        )
         try:
             self._hooks.install(client, "_handle_to_device", self._wrap_batch)
             self._hooks.install(client, "_handle_decrypt_to_device", self._wrap_event)
@@ -675,19 +677,7 @@ class NioPlugin:
 
     def _decode_failed(self, raw: dict[str, Any], exc: DecodeError) -> None:
         """Count and (once per distinct error) log a decode failure."""
-        event_type = exc.event_type or "<unknown>"
-        self._m_decode.inc(_events.event_type_label(event_type))
-        triple = (event_type[:100], exc.path, exc.reason)
-        seen = self._logged_decode_errors
-        if triple not in seen and len(seen) < _MAX_LOGGED_DECODE_ERRORS:
-            seen.add(triple)
-            logger.warning(
-                "cannot decode a %s to-device event from %s at %s: %s",
-                triple[0],
-                raw.get("sender"),
-                exc.path or "<event>",
-                exc.reason,
-            )
+        self._decode_report.report(exc, raw.get("sender"))
 
     def _emit(
         self,

@@ -408,6 +408,7 @@ async def test_bad_password_is_fatal_with_one_line(synapse: LocalSynapse, tmp_pa
         assert last.startswith("bot-toolkit: fatal: run: BotError: login as "), last
         assert "M_FORBIDDEN" in last, last
         assert wrong not in log
+        assert "Traceback" not in log, log[-3000:]  # the one line, not a traceback before it
     finally:
         run.kill()
 

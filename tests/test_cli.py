@@ -310,6 +310,28 @@ def test_run_fatal_error_exits_1_with_one_line_summary(run_config: Path) -> None
     assert SECRET not in err
 
 
+def test_expected_fatal_error_has_no_traceback(run_config: Path) -> None:
+    """A BotError (wrong password, unusable data directory) is one line, never a traceback;
+    an unexpected exception keeps its traceback in the log for the bug report."""
+    expected = (
+        "class BotError(RuntimeError):\n"
+        "    one_line = True\n"
+        "async def run_bot(config):\n"
+        "    raise BotError('login as @bot:localhost refused: M_FORBIDDEN Invalid password')\n"
+    )
+    rc, _, err = run_with_fake_bot(expected, run_config, clean_env(BOT_TOOLKIT_PASSWORD=SECRET))
+    assert rc == 1
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "bot-toolkit: fatal: run: BotError: login as @bot:localhost refused: M_FORBIDDEN "
+        "Invalid password"
+    )
+    unexpected = "async def run_bot(config):\n    raise KeyError('bug')\n"
+    rc, _, err = run_with_fake_bot(unexpected, run_config, clean_env(BOT_TOOLKIT_PASSWORD=SECRET))
+    assert rc == 1
+    assert "Traceback" in err
+
+
 def test_run_config_error_from_bot_exits_2(run_config: Path) -> None:
     code = (
         "from bot_toolkit.config import ConfigError\n"

@@ -201,6 +201,7 @@ async def test_base_class_handler_receives_subclasses_and_cache_invalidates() ->
     await assert_no_other_tasks()
 
 
+@pytest.mark.handler_errors
 async def test_filters_select_and_a_raising_filter_is_a_handler_error() -> None:
     seen: list[tuple[str, int]] = []
     d = Dispatcher()
@@ -262,6 +263,7 @@ async def test_middleware_order_and_drop() -> None:
     await assert_no_other_tasks()
 
 
+@pytest.mark.handler_errors
 async def test_raising_middleware_is_counted_under_its_name() -> None:
     handled: list[int] = []
     d = Dispatcher()
@@ -288,6 +290,7 @@ async def test_raising_middleware_is_counted_under_its_name() -> None:
     await assert_no_other_tasks()
 
 
+@pytest.mark.handler_errors
 async def test_error_handler_chosen_by_exception_mro() -> None:
     got: list[tuple[str, str, int]] = []
     d = Dispatcher(handler_timeout=0.05)
@@ -326,6 +329,7 @@ async def test_error_handler_chosen_by_exception_mro() -> None:
     await assert_no_other_tasks()
 
 
+@pytest.mark.handler_errors
 async def test_failing_error_handler_is_logged_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -348,6 +352,7 @@ async def test_failing_error_handler_is_logged_and_counted(
     await assert_no_other_tasks()
 
 
+@pytest.mark.handler_errors
 async def test_default_error_log_names_handler_and_key_but_not_content(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -521,6 +526,7 @@ def test_ordering_property(
 # ---------------------------------------------------------------------------- isolation
 
 
+@pytest.mark.handler_errors
 async def test_raising_and_hanging_handlers_are_isolated() -> None:
     # The timeout must outlast the other keys' work (a few loop iterations, but the asserts
     # below fail if a loaded machine stalls the loop for longer): 1 s leaves a wide margin.
@@ -582,6 +588,7 @@ async def test_raising_and_hanging_handlers_are_isolated() -> None:
     await assert_no_other_tasks()
 
 
+@pytest.mark.handler_errors
 async def test_handler_that_swallows_cancellation_still_counts_as_timeout() -> None:
     d = Dispatcher(handler_timeout=0.02)
     finished = asyncio.Event()
@@ -946,6 +953,7 @@ async def test_put_raw_decode_errors_counted_and_logged_once(
 
 
 @pytest.mark.parametrize("handler_timeout", [None, 5.0])
+@pytest.mark.handler_errors
 async def test_a_handler_raising_cancelled_error_does_not_kill_its_worker(
     handler_timeout: float | None,
 ) -> None:
