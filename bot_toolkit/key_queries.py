@@ -24,10 +24,10 @@ import asyncio
 import logging
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from bot_toolkit._bounded import BoundedMap
 from bot_toolkit.metrics import Metrics
 
 __all__ = [
@@ -92,9 +92,8 @@ class KeyQueries:
         self._slots = asyncio.Semaphore(concurrency)
         self.timeout = timeout
         self.negative_ttl = negative_ttl
-        self._max = max_users
         self._clock = clock
-        self._queried: OrderedDict[str, float] = OrderedDict()
+        self._queried: BoundedMap[str, float] = BoundedMap(max_users)
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._m = (metrics or Metrics()).counter(
             "key_queries_total",
@@ -136,9 +135,6 @@ class KeyQueries:
                 self._m.inc("cached")
                 return False
             self._queried[user_id] = self._clock()
-            self._queried.move_to_end(user_id)
-            while len(self._queried) > self._max:
-                self._queried.popitem(last=False)
             task = asyncio.ensure_future(self._run(user_id))
             self._in_flight[user_id] = task
             task.add_done_callback(self._forget)

@@ -86,6 +86,7 @@ from bot_toolkit._nio_adapter import (
     olm_encrypt,
     share_room_key,
 )
+from bot_toolkit._tasks import TaskSet
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
 from bot_toolkit.key_queries import KeyQueries
@@ -275,7 +276,9 @@ class KeySharing:
         # m.no_olm transaction ids being handed to the outbox, or handed over but not recorded
         self._in_flight: set[str] = set()
         self._answered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(
+            log, "key sharing background", lambda _exc: self._m_errors.inc("background")
+        )
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
         # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
         self._key_requests: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -346,8 +349,7 @@ class KeySharing:
 
     async def join(self) -> None:
         """Wait until the background work running now, and any it starts, has finished."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.join()
 
     async def recover(self) -> int:
         """Record Olm sessions that exist with devices the ledger holds as told (a crash can
@@ -388,15 +390,7 @@ class KeySharing:
                 return
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._m_errors.inc("background")
-            log.error("key sharing background task failed", exc_info=exc)
+        self._tasks.spawn(coro)
 
     def _error(self, where: str) -> None:
         self._m_errors.inc(where)

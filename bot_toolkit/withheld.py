@@ -36,12 +36,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
+from bot_toolkit._bounded import BoundedMap
 from bot_toolkit.events import WithheldCode
 from bot_toolkit.metrics import Counter, Metrics
 from bot_toolkit.store import Store
@@ -420,9 +420,8 @@ class ClaimBackoff:
         self._clock = clock
         self.base = base
         self.cap = cap
-        self._max = max_entries
         # device -> (failures in a row, time the next claim is allowed)
-        self._state: OrderedDict[PeerDevice, tuple[int, float]] = OrderedDict()
+        self._state: BoundedMap[PeerDevice, tuple[int, float]] = BoundedMap(max_entries)
 
     def due(self, device: PeerDevice) -> bool:
         """Whether a claim for ``device`` may be made now."""
@@ -439,9 +438,6 @@ class ClaimBackoff:
         failures = self.failures(device) + 1
         delay = min(self.base * float(2 ** (failures - 1)), self.cap)
         self._state[device] = (failures, self._clock() + delay)
-        self._state.move_to_end(device)
-        while len(self._state) > self._max:
-            self._state.popitem(last=False)
         return delay
 
     def succeeded(self, device: PeerDevice) -> None:
@@ -470,9 +466,8 @@ class SenderRateLimit:
         self._clock = clock
         self.burst = burst
         self.refill = refill
-        self._max = max_senders
         # sender -> (tokens, time they were counted)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: BoundedMap[str, tuple[float, float]] = BoundedMap(max_senders)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -490,8 +485,6 @@ class SenderRateLimit:
         if allowed:
             tokens -= 1.0
         self._buckets[sender] = (tokens, now)
-        while len(self._buckets) > self._max:
-            self._buckets.popitem(last=False)
         return allowed
 
 
@@ -504,19 +497,16 @@ class WithheldDeduper:
 
     def __init__(self, metrics: WithheldMetrics | None = None, *, max_entries: int = 100_000):
         self._metrics = metrics or WithheldMetrics(None)
-        self._seen: OrderedDict[tuple[PeerDevice, str, str], None] = OrderedDict()
-        self._max = max_entries
+        self._seen: BoundedMap[tuple[PeerDevice, str, str], None] = BoundedMap(max_entries)
 
     def first(self, device: PeerDevice, session_id: str, code: str) -> bool:
         """True the first time for (device, session, code); later calls count a suppression."""
         key = (device, session_id, code)
         if key in self._seen:
-            self._seen.move_to_end(key)
+            self._seen.touch(key)
             self._metrics.suppressed.inc(code)
             return False
         self._seen[key] = None
-        while len(self._seen) > self._max:
-            self._seen.popitem(last=False)
         return True
 
     def forget(self, device: PeerDevice, session_id: str, code: str) -> None:

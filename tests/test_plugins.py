@@ -290,6 +290,7 @@ def _plugin(name: str, setup: Any, timeout: float = 0.5) -> tuple[PluginHost, Pl
     return PluginHost((plugin,), PluginsConfig(handler_timeout=timeout)), plugin
 
 
+@pytest.mark.handler_errors
 async def test_raising_and_hanging_handlers_are_isolated(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

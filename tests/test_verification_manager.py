@@ -695,6 +695,7 @@ async def test_mac_master_cross_signing_key(
         await close_sides(a, b)
 
 
+@pytest.mark.handler_errors
 async def test_failed_send_cancels_and_ends_the_transaction(
     tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -727,6 +728,7 @@ async def test_failed_send_cancels_and_ends_the_transaction(
         await store.close()
 
 
+@pytest.mark.handler_errors
 async def test_failed_send_without_cancel_still_ends(clock: FakeClock) -> None:
     a = await make_side("alice", clock)
     b = await make_side("bob", clock)

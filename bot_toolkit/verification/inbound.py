@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
 
+from .._bounded import BoundedMap
 from .._types import DeviceId, TransactionId, UserId
 from ..events import (
     DecodeError,
@@ -76,8 +76,8 @@ class Inbound:
         self._attempts = attempts
         self.room_request_lock = asyncio.Lock()
         """Held while our own in-room request is sent and its flow registered."""
-        self._raw_starts: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
-        self._cooldown: OrderedDict[Party, float] = OrderedDict()
+        self._raw_starts: BoundedMap[tuple[str, str], dict[str, Any]] = BoundedMap(_RAW_STARTS_KEPT)
+        self._cooldown: BoundedMap[Party, float] = BoundedMap(_RAW_STARTS_KEPT)
 
     def register(self, dispatcher: Any) -> None:
         """Register the handlers with the dispatcher."""
@@ -168,8 +168,6 @@ class Inbound:
         others = self._attempts.begin(peer, txn)
         if others:
             self._cooldown[peer] = self.clock() + self.policy.attempt_cooldown
-            while len(self._cooldown) > _RAW_STARTS_KEPT:
-                self._cooldown.popitem(last=False)
             log.warning(
                 "verification %s: %s %s has other attempts %s: cancelling all",
                 txn,
@@ -358,8 +356,6 @@ class Inbound:
         if not isinstance(txn, str):
             return
         self._raw_starts[(sender, txn)] = dict(content)
-        while len(self._raw_starts) > _RAW_STARTS_KEPT:
-            self._raw_starts.popitem(last=False)
 
     async def _on_start(
         self, event: KeyVerificationStart, room: RoomVerificationEvent | None = None

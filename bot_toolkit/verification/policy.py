@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .._bounded import BoundedMap
 from .._types import DeviceId, TransactionId
 from .lifecycle import SasPrompt
 from .table import Party
@@ -246,8 +247,7 @@ class ErrorReplyLimiter:
         self._limit = limit
         self._window = window
         self._clock = clock
-        self._max_peers = max_peers
-        self._sent: OrderedDict[Hashable, deque[float]] = OrderedDict()
+        self._sent: BoundedMap[Hashable, deque[float]] = BoundedMap(max_peers)
 
     def allow(self, peer: Hashable) -> bool:
         """Whether a cancel to ``peer`` may go out now; records it when allowed."""
@@ -256,10 +256,8 @@ class ErrorReplyLimiter:
         if times is None:
             times = deque()
             self._sent[peer] = times
-            while len(self._sent) > self._max_peers:
-                self._sent.popitem(last=False)
         else:
-            self._sent.move_to_end(peer)
+            self._sent.touch(peer)
         while times and now - times[0] >= self._window:
             times.popleft()
         if len(times) >= self._limit:

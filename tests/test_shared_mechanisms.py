@@ -1,0 +1,87 @@
+"""The shared mechanisms that exist once: BoundedMap, TaskSet, DecodeErrorReporter, HookSet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from bot_toolkit._bounded import BoundedMap
+from bot_toolkit._decode_report import DecodeErrorReporter
+from bot_toolkit._patching import HookSet
+from bot_toolkit._tasks import TaskSet
+from bot_toolkit.events import DecodeError
+from bot_toolkit.metrics import Metrics
+
+
+def test_bounded_map_evicts_the_least_recently_written_or_touched() -> None:
+    m: BoundedMap[str, int] = BoundedMap(3)
+    for i, key in enumerate("abc"):
+        m[key] = i
+    m.touch("a")  # a is now the most recent
+    m["d"] = 3  # evicts b
+    assert list(m) == ["c", "a", "d"]
+    m["c"] = 9  # a write also refreshes
+    m["e"] = 4  # evicts a
+    assert dict(m) == {"d": 3, "c": 9, "e": 4}
+    assert m.pop("d") == 3 and len(m) == 2
+    with pytest.raises(ValueError):
+        BoundedMap(0)
+
+
+async def test_task_set_keeps_logs_counts_and_joins(caplog: pytest.LogCaptureFixture) -> None:
+    errors: list[BaseException] = []
+    tasks = TaskSet(logging.getLogger("test.tasks"), "test", errors.append)
+    gate = asyncio.Event()
+
+    async def waits() -> None:
+        await gate.wait()
+        tasks.spawn(asyncio.sleep(0), name="child")  # started by a task: join waits for it too
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    tasks.spawn(waits(), name="waits")
+    tasks.spawn(fails(), name="fails")
+    assert len(tasks) == 2
+    gate.set()
+    await asyncio.wait_for(tasks.join(), 5)
+    assert len(tasks) == 0
+    assert [type(e) for e in errors] == [RuntimeError]
+    assert "test task fails failed" in caplog.text
+    hang = tasks.spawn(asyncio.Event().wait())
+    await asyncio.wait_for(tasks.cancel(), 5)
+    assert hang.cancelled() and len(tasks) == 0
+
+
+def test_decode_error_reporter_counts_all_and_logs_each_distinct_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    counter = Metrics().counter("decode_errors_total", "x", ["event_type"])
+    reporter = DecodeErrorReporter(counter, logging.getLogger("test.decode"), limit=2)
+    bad = DecodeError("m.key.verification.start", "content.method", "expected str")
+    for _ in range(3):
+        reporter.report(bad, "@peer:x")
+    reporter.report(DecodeError("org.evil." + "x" * 500, "", "not an object"))
+    reporter.report(DecodeError("m.dummy", "content", "third distinct one"))
+    assert counter.get("m.key.verification.start") == 3
+    assert counter.get("other") == 1  # a sender-chosen type is never a label
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("content.method" in line for line in lines) == 1
+    assert any("too many distinct decode errors" in line for line in lines)
+    assert not any("third distinct one" in line for line in lines)
+    assert all(len(line) < 400 for line in lines)
+
+
+def test_hook_set_undoes_last_first() -> None:
+    obj = SimpleNamespace(f=lambda: "original")
+    hooks = HookSet()
+    hooks.patch(obj, "f", lambda orig: lambda: "one(" + orig() + ")")
+    hooks.patch(obj, "f", lambda orig: lambda: "two(" + orig() + ")")
+    assert obj.f() == "two(one(original))" and len(hooks) == 2
+    hooks.undo()
+    assert obj.f() == "original" and len(hooks) == 0
+    hooks.undo()  # idempotent
+    assert obj.f() == "original"
