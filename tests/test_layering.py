@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -200,3 +201,15 @@ def test_verification_exports_only_what_a_user_calls() -> None:
         assert getattr(bot_toolkit.verification, name) is not None, name
     with pytest.raises(AttributeError):
         _ = bot_toolkit.verification.transition  # type: ignore[attr-defined]
+
+
+def test_the_readme_lists_the_public_api() -> None:
+    import bot_toolkit.testing  # noqa: PLC0415 - loads nio; only this test needs it
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## The public API")
+    section = text[start : text.index("\n## ", start + 1)]
+    listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", section))
+    for module in (bot_toolkit, bot_toolkit.verification, bot_toolkit.testing):
+        missing = [n for n in module.__all__ if n != "__version__" and n not in listed]
+        assert missing == [], f"{module.__name__}: not in the README's public API: {missing}"
