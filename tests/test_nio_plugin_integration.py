@@ -169,6 +169,7 @@ async def test_every_event_reaches_typed_handlers_exactly_once(
         await bot.dispatcher.close()
 
 
+@pytest.mark.handler_errors
 async def test_raising_handler_does_not_stop_the_sync_loop(
     pair: tuple[AsyncClient, AsyncClient],
 ) -> None:
