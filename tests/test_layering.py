@@ -36,6 +36,7 @@ STANDALONE = frozenset(
         "bot_toolkit.demo",
         "bot_toolkit.__main__",
         "bot_toolkit.plugin_host",  # the standalone bot's plugin system (reads [plugins])
+        "bot_toolkit.identity.operator",  # `bot-toolkit identity ...`: CLI code (BotConfig, Bot)
     }
 )
 """The standalone bot: it may import the library, never the other way round."""
@@ -190,6 +191,8 @@ def test_verification_exports_only_what_a_user_calls() -> None:
         "SasPrompt",
         "SasReady",
         "State",
+        "UserIdentityChanged",
+        "UserVerified",
         "VerificationCancelled",
         "VerificationDone",
         "VerificationInfo",
