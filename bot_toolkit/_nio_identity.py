@@ -16,6 +16,7 @@ __all__ = [
     "DeviceKeys",
     "EncryptionNotReady",
     "OwnIdentity",
+    "device_by_curve25519",
     "device_keys",
     "device_verified",
     "our_identity",
@@ -116,3 +117,22 @@ def device_verified(client: AsyncClient, user_id: str, device_id: str) -> bool:
     olm = _olm(client)
     device = _known_device(olm, user_id, device_id)
     return device is not None and bool(olm.is_device_verified(device))
+
+
+def device_by_curve25519(
+    client: AsyncClient, user_id: str, curve25519: str
+) -> tuple[str, str] | None:
+    """(device id, ed25519 key) of ``user_id``'s device with this curve25519 key, from nio's
+    device store; ``None`` when unknown (or deleted).
+
+    Raises:
+        EncryptionNotReady: the client has no Olm machine yet.
+    """
+    olm = _olm(client)
+    store = olm.device_store
+    if user_id not in store.users:
+        return None
+    for device in store.active_user_devices(user_id):
+        if device.curve25519 == curve25519 and isinstance(device.ed25519, str):
+            return str(device.device_id), device.ed25519
+    return None

@@ -345,7 +345,9 @@ class PluginHost:
             for reg in plugin._registrations:
                 toolkit.on(reg.event_cls, *reg.filters)(self._guarded(plugin, reg.handler))
         if self.plugins:
-            self.feed = RoomMessageFeed(toolkit.client, toolkit.dispatcher)
+            self.feed = RoomMessageFeed(
+                toolkit.client, toolkit.dispatcher, trust=toolkit.sender_trust
+            )
 
     def _guarded(self, plugin: Plugin[Any], handler: Handler) -> Handler:
         timeout = self.timeout

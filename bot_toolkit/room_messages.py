@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
 from nio import AsyncClient, MatrixRoom, RoomMessageEmote, RoomMessageNotice, RoomMessageText
 
@@ -36,6 +36,7 @@ __all__ = [
     "RoomMessage",
     "RoomMessageFeed",
     "SenderTrust",
+    "SenderTrustSource",
     "parse_command",
     "reply_content",
 ]
@@ -49,14 +50,31 @@ _MAX_BODY: Final = 65_536
 class SenderTrust(StrEnum):
     """How far the bot trusts the device that sent a message.
 
-    ``unknown`` for unencrypted messages (no device is proven). For encrypted ones the feed fills
-    ``verified`` or ``unverified`` from nio's trust store (the sender's device key matches a
-    device the bot verified); cross-signing trust may refine this.
+    ``unknown`` for unencrypted messages (no device is proven) and for a sending device the bot
+    has no keys for. For encrypted ones the feed fills ``verified`` or ``unverified`` from nio's
+    trust store (the sender's device key matches a device the bot verified); with a
+    :class:`SenderTrustSource` (the toolkit's cross-signing view) ``unverified`` is refined to
+    ``cross_signed`` or ``not_cross_signed``, and ``verified`` also covers devices cross-signed
+    by a user whose identity the bot verified. The spec (v1.18, MSC4153) says messages from
+    ``not_cross_signed`` devices "cannot be trusted and SHOULD NOT be displayed".
     """
 
     UNKNOWN = "unknown"
     UNVERIFIED = "unverified"
+    """Encrypted by a device the bot did not verify; cross-signing not checked."""
+    NOT_CROSS_SIGNED = "not_cross_signed"
+    """Encrypted by a device its owner has not cross-signed (an insecure device)."""
+    CROSS_SIGNED = "cross_signed"
+    """Encrypted by a device cross-signed by its owner (whose identity the bot did not verify)."""
     VERIFIED = "verified"
+
+
+class SenderTrustSource(Protocol):
+    """Refines the trust of an encrypted message's sending device (cross-signing)."""
+
+    async def sender_trust(self, user_id: str, sender_key: str, *, verified: bool) -> SenderTrust:
+        """The trust of ``user_id``'s device with curve25519 ``sender_key``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +167,7 @@ class RoomMessageFeed:
     ``since_ms``: messages stamped earlier are skipped (default: now).
     ``backpressure_timeout``: the longest one message waits for room in a full dispatcher
     (holding up the sync meanwhile) before it is dropped and counted.
+    ``trust``: refines :attr:`RoomMessage.sender_trust` of encrypted messages (cross-signing).
     """
 
     def __init__(
@@ -158,8 +177,10 @@ class RoomMessageFeed:
         *,
         since_ms: int | None = None,
         backpressure_timeout: float = 10.0,
+        trust: SenderTrustSource | None = None,
     ) -> None:
         self.client = client
+        self.trust = trust
         self.dispatcher = dispatcher
         self.backpressure_timeout = backpressure_timeout
         self.since_ms = int(time.time() * 1000) if since_ms is None else since_ms
@@ -195,6 +216,17 @@ class RoomMessageFeed:
         if message.origin_server_ts < self.since_ms:
             self._m_messages.inc("old")
             return
+        if self.trust is not None and message.encrypted and message.sender_key is not None:
+            try:
+                refined = await self.trust.sender_trust(
+                    message.sender,
+                    message.sender_key,
+                    verified=message.sender_trust is SenderTrust.VERIFIED,
+                )
+            except Exception:
+                log.exception("sender trust of %s in %s", message.event_id, message.room_id)
+            else:
+                message = replace(message, sender_trust=refined)
         try:
             # Wait (bounded) for room rather than drop: this holds the sync, which is the
             # backpressure a full dispatcher should cause.

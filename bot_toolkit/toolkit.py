@@ -59,14 +59,14 @@ from nio import AsyncClient, KeysUploadResponse
 from bot_toolkit import key_sharing as _key_sharing
 from bot_toolkit import nio_plugin as _nio_plugin
 from bot_toolkit._nio_adapter import NioHooks, send_sender_device_keys
-from bot_toolkit._nio_identity import device_keys, device_verified
+from bot_toolkit._nio_identity import device_by_curve25519, device_keys, device_verified
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import SecretSend
 from bot_toolkit.identity.api import IdentityApi
 from bot_toolkit.identity.nio_glue import identity_for, nio_requester
 from bot_toolkit.identity.secret_sharing import SecretRequests
 from bot_toolkit.identity.service import Identity
-from bot_toolkit.identity.trust import CrossSigningTrust
+from bot_toolkit.identity.trust import CrossSigningTrust, SenderTrustResolver
 from bot_toolkit.inbound_queue import InboundQueue
 from bot_toolkit.install_secret import store_secret
 from bot_toolkit.metrics import Metrics
@@ -171,6 +171,7 @@ class BotToolkit:
         self._sharing: _key_sharing.KeySharing | None = None
         self._identity: Identity | None = None
         self._secret_requests: SecretRequests | None = None
+        self._cross_signing: CrossSigningTrust | None = None
         self._manager: VerificationManager | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._state = "new"  # new -> starting -> running -> closed
@@ -263,6 +264,27 @@ class BotToolkit:
         if self._identity is None:
             self._identity = identity_for(self._client, self._data_dir)
         return self._identity
+
+    @property
+    def cross_signing(self) -> CrossSigningTrust:
+        """Other users' cross-signing as the homeserver publishes it (checked): key sharing's
+        ``cross_signed`` / ``verified`` policies and :attr:`sender_trust` read it."""
+        if self._cross_signing is None:
+            client = self._client
+            self._cross_signing = CrossSigningTrust(
+                IdentityApi(nio_requester(client), client.user_id)
+            )
+        return self._cross_signing
+
+    @property
+    def sender_trust(self) -> SenderTrustResolver:
+        """The trust of a message's sending device (verified / cross-signed / not
+        cross-signed / unknown): give it to :class:`~bot_toolkit.room_messages.RoomMessageFeed`
+        (``trust=``) so handlers can ignore messages from insecure devices."""
+        client = self._client
+        return SenderTrustResolver(
+            self.cross_signing, lambda user, curve: device_by_curve25519(client, user, curve)
+        )
 
     def take_keys_from_own_devices(self) -> SecretRequests:
         """Self-verification: when one of the bot user's own sessions verifies this device

@@ -26,6 +26,7 @@ from bot_toolkit.bot import Bot
 from bot_toolkit.config import load_config
 from bot_toolkit.events import RoomKeyWithheld
 from bot_toolkit.identity import IdentityState
+from bot_toolkit.room_messages import SenderTrust
 from tests.bot_helpers import new_admin_token, write_config
 from tests.interop_peer import JsPeer, require_node_peer, started_peer
 from tests.synapse import LocalSynapse, RegisteredUser, free_port
@@ -111,11 +112,13 @@ async def test_peer_excluding_insecure_devices(
         async with running_bot(tmp_path, synapse, bot_user, identity=identity) as bot:
             assert bot.client is not None and bot.toolkit is not None
             texts: list[tuple[str, str]] = []
+            sender_keys: list[str] = []
             undecrypted: list[MegolmEvent] = []
             withheld: list[RoomKeyWithheld] = []
 
             async def on_text(room: Any, event: RoomMessageText) -> None:
                 texts.append((event.sender, event.body))
+                sender_keys.append(event.sender_key)
 
             async def on_megolm(room: Any, event: MegolmEvent) -> None:
                 undecrypted.append(event)
@@ -156,6 +159,11 @@ async def test_peer_excluding_insecure_devices(
             await _until("the decrypted text", lambda: texts)
             assert (peer.user_id, "hello bot") in texts
             assert not withheld
+            # what a handler is told about the sending device: cross-signed by its owner
+            trust = await bot.toolkit.sender_trust.sender_trust(
+                str(peer.user_id), sender_keys[0], verified=False
+            )
+            assert trust is SenderTrust.CROSS_SIGNED
 
             await _send(bot, room_id, "hello peer")
             reply = await peer.wait_event(

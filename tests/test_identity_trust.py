@@ -7,11 +7,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from nio import MatrixRoom, RoomMessageText
 
+from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.identity.api import IdentityApi
 from bot_toolkit.identity.keys import CrossSigningKeys
 from bot_toolkit.identity.signing import SigningKey
-from bot_toolkit.identity.trust import CrossSigningTrust, SenderTrust
+from bot_toolkit.identity.trust import CrossSigningTrust, SenderTrustResolver
+from bot_toolkit.metrics import Metrics
+from bot_toolkit.room_messages import RoomMessage, RoomMessageFeed, SenderTrust
 from bot_toolkit.withheld import DeviceTrust, ShareWith, SharingPolicy, WithheldError
 
 BOT = "@bot:localhost"
@@ -153,3 +157,74 @@ async def test_cross_signing_trust_rejects_forged_self_signing_key() -> None:
     await trust.refresh({ALICE: {"D": device}})
     assert not trust.cross_signed(ALICE, "D", device)
     assert trust.master_key(ALICE) is None
+
+
+async def test_sender_trust_resolver_maps_the_sending_key() -> None:
+    server = RecordedServer()
+    trust = CrossSigningTrust(IdentityApi(server, BOT))
+    alice = CrossSigningKeys.generate(ALICE)
+    server.add_identity(alice, with_usk=False)
+    signed = server.add_device(ALICE, "SIGNED", alice.self_signing)
+    unsigned = server.add_device(ALICE, "UNSIGNED", None)
+    devices = {"curve-signed": ("SIGNED", signed), "curve-unsigned": ("UNSIGNED", unsigned)}
+    resolver = SenderTrustResolver(trust, lambda user, curve: devices.get(curve))
+    assert await resolver.sender_trust(ALICE, "curve-signed", verified=False) is (
+        SenderTrust.CROSS_SIGNED
+    )
+    assert await resolver.sender_trust(ALICE, "curve-unsigned", verified=False) is (
+        SenderTrust.NOT_CROSS_SIGNED
+    )
+    assert await resolver.sender_trust(ALICE, "curve-nobody", verified=False) is (
+        SenderTrust.UNKNOWN
+    )
+    assert server.queries == 1  # one query answered both devices
+
+
+async def test_feed_refines_sender_trust_of_encrypted_messages() -> None:
+    class Source:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, str, bool]] = []
+
+        async def sender_trust(
+            self, user_id: str, sender_key: str, *, verified: bool
+        ) -> SenderTrust:
+            self.asked.append((user_id, sender_key, verified))
+            return SenderTrust.NOT_CROSS_SIGNED
+
+    class Client:
+        user_id = "@bot:localhost"
+
+        def add_event_callback(self, callback: Any, filters: Any) -> None:
+            self.callback = callback
+
+    source, client = Source(), Client()
+    dispatcher = Dispatcher(Metrics())
+    got: list[RoomMessage] = []
+
+    @dispatcher.on(RoomMessage)
+    async def record(msg: RoomMessage) -> None:
+        got.append(msg)
+
+    RoomMessageFeed(client, dispatcher, since_ms=0, trust=source)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        room = MatrixRoom("!r:localhost", "@bot:localhost")
+        for event_id, encrypted in (("$plain", False), ("$enc", True)):
+            event = RoomMessageText.from_dict(
+                {
+                    "type": "m.room.message",
+                    "event_id": event_id,
+                    "sender": ALICE,
+                    "origin_server_ts": 1234,
+                    "content": {"msgtype": "m.text", "body": "hi"},
+                }
+            )
+            if encrypted:
+                event.decrypted, event.verified, event.sender_key = True, False, "curve"
+            await client.callback(room, event)
+        assert await dispatcher.join()
+    finally:
+        await dispatcher.close(5)
+    trusts = {m.event_id: m.sender_trust for m in got}
+    assert trusts == {"$plain": SenderTrust.UNKNOWN, "$enc": SenderTrust.NOT_CROSS_SIGNED}
+    assert source.asked == [(ALICE, "curve", False)]

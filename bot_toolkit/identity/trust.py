@@ -16,31 +16,18 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Final
 
 from bot_toolkit.identity.api import HomeserverError, IdentityApi
 from bot_toolkit.identity.keys import PublishedKeys
 from bot_toolkit.identity.signing import SignatureError, verify_signature
+from bot_toolkit.room_messages import SenderTrust
 
-__all__ = ["CrossSigningTrust", "SenderTrust"]
+__all__ = ["CrossSigningTrust", "SenderTrustResolver"]
 
 log = logging.getLogger("bot_toolkit.identity.trust")
 
 _MAX_USERS: Final = 10_000
-
-
-class SenderTrust(StrEnum):
-    """The trust of the device that sent an event, as handlers see it."""
-
-    VERIFIED = "verified"
-    """Verified by the bot, or cross-signed by a user whose identity the bot verified."""
-    CROSS_SIGNED = "cross_signed"
-    """Cross-signed by its owner (the owner's identity not verified by the bot)."""
-    NOT_CROSS_SIGNED = "not_cross_signed"
-    """Known, but not signed by its owner: the spec says not to trust what it sends."""
-    UNKNOWN = "unknown"
-    """A device the bot has no keys for (or the event was not from a known device)."""
 
 
 @dataclass(slots=True)
@@ -178,3 +165,25 @@ class CrossSigningTrust:
                 SenderTrust.VERIFIED if self.owner_verified(user_id) else SenderTrust.CROSS_SIGNED
             )
         return SenderTrust.NOT_CROSS_SIGNED
+
+
+class SenderTrustResolver:
+    """:class:`bot_toolkit.room_messages.SenderTrustSource` over nio's device store and a
+    :class:`CrossSigningTrust`: which device sent (by its curve25519 key), and is it signed."""
+
+    def __init__(
+        self,
+        cross_signing: CrossSigningTrust,
+        device_by_curve: Callable[[str, str], tuple[str, str] | None],
+    ) -> None:
+        self.cross_signing = cross_signing
+        self._device_by_curve = device_by_curve
+
+    async def sender_trust(self, user_id: str, sender_key: str, *, verified: bool) -> SenderTrust:
+        """The trust of ``user_id``'s device with curve25519 ``sender_key``."""
+        found = self._device_by_curve(user_id, sender_key)
+        if found is None:
+            return SenderTrust.UNKNOWN
+        device_id, ed25519 = found
+        await self.cross_signing.refresh({user_id: {device_id: ed25519}})
+        return self.cross_signing.sender_trust(user_id, device_id, ed25519, verified=verified)
