@@ -14,8 +14,8 @@ be able to cause more than one query per :data:`NEGATIVE_TTL`. :class:`KeyQuerie
   queried again (callers get ``False`` at once), for at most ``max_users`` users (least recently
   queried forgotten first).
 
-What a query does is injected (``query(user_id)``); :func:`nio_query` is nio's
-``users_for_key_query`` + ``keys_query()``.
+What a query does is injected (``query(user_id)``); :func:`nio_query` queries one user and
+hands the answer to nio.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "NEGATIVE_TTL",
     "QUERY_TIMEOUT",
     "KeyQueries",
+    "KeyQueryFailed",
     "nio_query",
 ]
 
@@ -53,23 +54,35 @@ _BY_CLIENT: weakref.WeakKeyDictionary[Any, KeyQueries] = weakref.WeakKeyDictiona
 
 
 async def nio_query(client: Any, user_id: str) -> None:
-    """Download ``user_id``'s device keys into nio's device store (nio then tracks the user)."""
-    from nio import LocalProtocolError  # noqa: PLC0415
+    """Download ``user_id``'s device keys into nio's device store (nio then tracks the user).
 
-    olm = client.olm
-    if olm is None:
+    One ``/keys/query`` for this user alone, made here and handed to nio with
+    ``client.receive_response``, rather than nio's ``keys_query()``: that one asks for every user
+    in nio's shared ``users_for_key_query`` at once (and the sync loop waits for it), so one slow
+    or hostile homeserver would hold up the keys of everyone else.
+    """
+    import aiohttp  # noqa: PLC0415
+    from nio import KeysQueryResponse  # noqa: PLC0415
+
+    if client.olm is None:
         return
-    olm.users_for_key_query.add(user_id)
-    try:
-        response = await client.keys_query()
-    except LocalProtocolError:  # someone else's query took the user already
-        return
-    name = type(response).__name__
-    if name != "KeysQueryResponse" and getattr(response, "message", None) != _NOTHING_PENDING:
-        log.warning("keys query for %.255s failed: %s", user_id, name)
+    url = client.homeserver.rstrip("/") + "/_matrix/client/v3/keys/query"
+    headers = {"Authorization": f"Bearer {client.access_token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json={"device_keys": {user_id: []}}, headers=headers) as resp,
+    ):
+        body = await resp.json(content_type=None)
+        if resp.status != 200:
+            raise KeyQueryFailed(f"HTTP {resp.status}")
+    response = KeysQueryResponse.from_dict(body)
+    if not isinstance(response, KeysQueryResponse):
+        raise KeyQueryFailed(type(response).__name__)
+    await client.receive_response(response)
 
 
-_NOTHING_PENDING: Final = "No key query required."
+class KeyQueryFailed(RuntimeError):
+    """The homeserver did not answer a key query with device keys."""
 
 
 class KeyQueries:
@@ -124,14 +137,15 @@ class KeyQueries:
         at = self._queried.get(user_id)
         return at is not None and self._clock() - at < self.negative_ttl
 
-    async def query(self, user_id: str) -> bool:
+    async def query(self, user_id: str, *, force: bool = False) -> bool:
         """Query ``user_id``'s keys unless that was done recently; True when a query finished.
 
+        ``force`` skips the negative cache (nio asks because the user's device list changed).
         Never raises for a failed or slow query: it logs, counts and returns False.
         """
         task = self._in_flight.get(user_id)
         if task is None:
-            if self.recently_queried(user_id):
+            if not force and self.recently_queried(user_id):
                 self._m.inc("cached")
                 return False
             self._queried[user_id] = self._clock()

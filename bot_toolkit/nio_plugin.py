@@ -46,8 +46,12 @@ the upstream nio issue behind each is in :data:`bot_toolkit._nio_adapter.CONTRAC
 * ``client.olm._handle_olm_event(sender, sender_key, payload)``: each validated payload.
 * ``client.olm.handle_key_verification(event)`` (only with ``intercept_verification=True``):
   replaced by a no-op, so nio neither creates its own ``Sas`` on a start nor answers key events.
-* ``client.keys_query()``: with nothing left to query it returns a ``KeysQueryError`` instead of
-  raising ``LocalProtocolError``. nio 0.26's ``sync_forever`` schedules ``keys_query()`` as a task
+* ``client.keys_query()``: queries each pending user on its own through the client's
+  :class:`~bot_toolkit.key_queries.KeyQueries` and waits at most :data:`KEY_QUERY_WAIT` seconds
+  (a ``KeysQueryError`` when some are still coming, an empty ``KeysQueryResponse`` when all
+  arrived: the answers go to nio as they come), so no slow homeserver holds up the sync loop.
+  With nothing left to query it returns a ``KeysQueryError`` instead of raising
+  ``LocalProtocolError``. nio 0.26's ``sync_forever`` schedules ``keys_query()`` as a task
   when users are pending; if another task (the verification manager fetching a peer's keys, key
   sharing, the bot's own code) gets their keys first, the scheduled query finds the list empty,
   raises, and ``sync_forever`` ends. The guard makes that race harmless.
@@ -84,7 +88,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from nio import AsyncClient, KeysQueryError
+from nio import AsyncClient, KeysQueryError, KeysQueryResponse
 from nio.exceptions import VerificationError
 
 from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
@@ -100,9 +104,11 @@ from bot_toolkit._nio_identity import (
     our_identity,
 )
 from bot_toolkit._olm_checks import curve25519_problem, device_keys_problem, payload_problem
+from bot_toolkit._tasks import TaskSet
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
 from bot_toolkit.inbound_queue import InboundQueue
+from bot_toolkit.key_queries import KeyQueries
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.undecodable import UndecodableEvent, undecodable_from
 
@@ -121,6 +127,9 @@ __all__ = [
 logger = logging.getLogger("bot_toolkit.nio_plugin")
 
 _OLM_ALGORITHM: Final = "m.olm.v1.curve25519-aes-sha2"
+KEY_QUERY_WAIT: Final = 1.0
+"""Seconds a ``client.keys_query()`` caller (nio's sync loop, ``room_send``) waits for the
+per-user queries it started; slower ones go on in the background."""
 _MAX_LOGGED_DECODE_ERRORS: Final = 256
 """Distinct (event type, path, reason) decode errors logged; later new ones are only counted."""
 
@@ -268,6 +277,9 @@ class NioPlugin:
         self._decode_report = DecodeErrorReporter(
             self._m_decode, logger, limit=_MAX_LOGGED_DECODE_ERRORS
         )
+        self._query_tasks = TaskSet(
+            logger, "key query", lambda _e: self._m_errors.inc("keys_query")
+        )
         try:
             self._hooks.install(client, "_handle_to_device", self._wrap_batch)
             self._hooks.install(client, "_handle_decrypt_to_device", self._wrap_event)
@@ -345,13 +357,32 @@ class NioPlugin:
         client = self.client
 
         async def keys_query() -> Any:
+            if client.olm is None or not self._attached:
+                return await original()
             # Checked when the query runs, not when it was scheduled (see the module docs).
-            if client.olm is not None and not client.users_for_key_query:
+            if not client.users_for_key_query:
                 self._m_errors.inc("keys_query_race")
                 return KeysQueryError("No key query required.")
-            return await original()
+            return await self._query_each(sorted(client.users_for_key_query))
 
         return keys_query
+
+    async def _query_each(self, users: list[str]) -> Any:
+        """nio's ``keys_query()``, one user at a time, never holding the caller long.
+
+        nio queries every pending user in one request and its sync loop waits for the answer,
+        so one slow homeserver (any room member's, say a hostile one) would stop the bot. Here
+        each user is queried on its own through the client's
+        :class:`~bot_toolkit.key_queries.KeyQueries` (capped, bounded in time, each answer
+        handed to nio as it comes); the caller waits at most :data:`KEY_QUERY_WAIT` seconds.
+        """
+        queries = KeyQueries.of(self.client, self.metrics)
+        tasks = [self._query_tasks.spawn(queries.query(u, force=True)) for u in users]
+        done, pending = await asyncio.wait(tasks, timeout=KEY_QUERY_WAIT)
+        if pending or not all(t.result() for t in done):
+            self._m_errors.inc("keys_query_slow")
+            return KeysQueryError(f"keys of {len(pending)} users still coming, or failed")
+        return KeysQueryResponse.from_dict({"device_keys": {}, "failures": {}})
 
     def _hook_olm(self) -> None:
         """Follow ``client.olm`` when nio replaced its Olm machine (inside nio's processing:

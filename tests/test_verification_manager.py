@@ -8,7 +8,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from unittest.mock import AsyncMock
 
@@ -27,7 +26,6 @@ from bot_toolkit.verification import (
     VerificationRequested,
 )
 from bot_toolkit.verification.engine import MARK_FAILED_REASON, code_label
-from bot_toolkit.verification.peer_keys import NioKeySource
 from bot_toolkit.verification.persistence import RESTART_REASON
 from bot_toolkit.verification.sas import SasSession, compute_commitment
 from bot_toolkit.verification.table import Party
@@ -1011,32 +1009,6 @@ async def test_request_with_no_common_method_is_left_to_the_operator(
     await eventually(lambda: a.manager.state_of("qr2") is State.REQUESTED_IN)
     assert await a.manager.cancel("qr2")
     assert a.outbox.cancels("qr2") == ["m.user"]
-
-
-class _QueryClient:
-    def __init__(self, response: object) -> None:
-        self.olm = SimpleNamespace(users_for_key_query=set())
-        self.response = response
-
-    async def keys_query(self) -> object:
-        return self.response
-
-
-@pytest.mark.parametrize(
-    ("message", "warned"), [("No key query required.", False), ("server error", True)]
-)
-async def test_nothing_to_query_is_benign(
-    message: str, warned: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The nio plugin's guard answers KeysQueryError("No key query required.") when the sync
-    loop took the user already: not a failure."""
-    from nio import KeysQueryError  # noqa: PLC0415
-
-    source = NioKeySource(_QueryClient(KeysQueryError(message)))
-    with caplog.at_level(logging.DEBUG, logger="bot_toolkit.key_queries"):
-        await source.query("@bob:test")
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert bool(warnings) is warned
 
 
 def test_each_module_logs_under_its_own_name() -> None:
