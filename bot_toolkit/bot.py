@@ -49,8 +49,6 @@ import secrets
 import signal
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from html import escape
 from pathlib import Path
 from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
@@ -75,11 +73,12 @@ from bot_toolkit.install_secret import (
     STORE_KEY_FILE,
     STORE_PASSPHRASE_ENV,
     store_secret,
-    write_private,
 )
 from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
+from bot_toolkit.sas_notice import format_sas, sas_notice
+from bot_toolkit.session import Session
 from bot_toolkit.store import StoreError
 from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
@@ -130,66 +129,7 @@ class _Transient(Exception):
     """The homeserver cannot be used right now (retry with backoff)."""
 
 
-# ----------------------------------------------------------------------------- session file
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """What ``<data_dir>/session.json`` holds. ``repr`` never shows the token."""
-
-    user_id: str
-    device_id: str
-    access_token: str | None = None
-    homeserver: str | None = None
-
-    def __repr__(self) -> str:
-        return f"Session(user_id={self.user_id!r}, device_id={self.device_id!r})"
-
-    @classmethod
-    def load(cls, path: Path) -> Session | None:
-        """The session in ``path``; None when there is none or it cannot be read (logged)."""
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable session file %s: %s", path, type(e).__name__)
-            return None
-        if not isinstance(raw, dict):
-            return None
-        user_id, device_id = raw.get("user_id"), raw.get("device_id")
-        token, homeserver = raw.get("access_token"), raw.get("homeserver")
-        if not (isinstance(user_id, str) and isinstance(device_id, str) and device_id):
-            log.warning("ignoring session file %s without user and device id", path)
-            return None
-        return cls(
-            user_id,
-            device_id,
-            token if isinstance(token, str) and token else None,
-            homeserver if isinstance(homeserver, str) else None,
-        )
-
-    def save(self, path: Path) -> None:
-        """Write atomically, owner-only (0600), the file and its directory fsynced."""
-        data = {"user_id": self.user_id, "device_id": self.device_id}
-        if self.access_token:
-            data["access_token"] = self.access_token
-        if self.homeserver:
-            data["homeserver"] = self.homeserver
-        write_private(path, json.dumps(data, indent=1).encode())
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def format_sas(emoji: Sequence[tuple[str, str]], decimals: Sequence[int] | None) -> str:
-    """The SAS as text: ``"🐶 Dog, 🔑 Key, ..."`` and/or ``"1234 5678 9012"``."""
-    parts = []
-    if emoji:
-        parts.append(", ".join(f"{e} {name}" for e, name in emoji))
-    if decimals:
-        parts.append(" ".join(str(d) for d in decimals))
-    return " | ".join(parts)
 
 
 class _ControllerProxy:
@@ -210,28 +150,6 @@ class _ControllerProxy:
         if self.manager is None:
             raise KeyError(verification_id)
         return await self.manager.cancel(verification_id)
-
-
-def sas_notice(event: SasReady) -> dict[str, str]:
-    """The ``m.notice`` content that shows a SAS to the person verifying the bot.
-
-    Plain text plus HTML; every value that goes into the HTML is escaped (the device id is the
-    peer's choice).
-    """
-    text = (
-        f"Verification {event.transaction_id} with your device {event.device_id}: "
-        f"compare with your screen: {format_sas(event.emoji, event.decimals)}"
-    )
-    content = {"msgtype": "m.notice", "body": text}
-    html_emoji = "<br>".join(f"{escape(e)} {escape(name)}" for e, name in event.emoji)
-    if html_emoji:
-        numbers = " ".join(str(d) for d in event.decimals or ())
-        content["format"] = "org.matrix.custom.html"
-        content["formatted_body"] = (
-            f"Verification with your device {escape(event.device_id)}:<br>{html_emoji}"
-            + (f"<br>{numbers}" if numbers else "")
-        )
-    return content
 
 
 def _describe(exc: BaseException) -> str:

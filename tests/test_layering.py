@@ -34,6 +34,7 @@ STANDALONE = frozenset(
         "bot_toolkit.config",
         "bot_toolkit.cli",
         "bot_toolkit.demo",
+        "bot_toolkit.session",
         "bot_toolkit.__main__",
         "bot_toolkit.plugin_host",  # the standalone bot's plugin system (reads [plugins])
         "bot_toolkit.identity.operator",  # `bot-toolkit identity ...`: CLI code (BotConfig, Bot)
