@@ -9,9 +9,9 @@ in nio or aiohttp.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from bot_toolkit._lazy import lazy_exports
 from bot_toolkit.events import (
     CancelCode,
     DecodeError,
@@ -121,17 +121,7 @@ if TYPE_CHECKING:
     from bot_toolkit.withheld import ShareWith, SharingPolicy
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bot_toolkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 __all__ = [

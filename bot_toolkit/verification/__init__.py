@@ -28,8 +28,9 @@ imported from its module.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bot_toolkit._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "VerificationManager": "bot_toolkit.verification.manager",
@@ -66,17 +67,7 @@ if TYPE_CHECKING:
     from bot_toolkit.verification.user_trust import UserIdentityChanged, UserVerified
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bot_toolkit.verification' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 __all__ = [
