@@ -63,7 +63,6 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -78,6 +77,7 @@ from nio import (
     ToDeviceResponse,
 )
 
+from bot_toolkit._bounded import BoundedMap
 from bot_toolkit._nio_adapter import (
     NioHooks,
     contain_soft_logout,
@@ -275,13 +275,13 @@ class KeySharing:
         self._observed: set[str] = set()  # curve25519 keys with a live session, not yet recorded
         # m.no_olm transaction ids being handed to the outbox, or handed over but not recorded
         self._in_flight: set[str] = set()
-        self._answered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._answered: BoundedMap[tuple[str, str, str], None] = BoundedMap(_REQUESTS_REMEMBERED)
         self._tasks = TaskSet(
             log, "key sharing background", lambda _exc: self._m_errors.inc("background")
         )
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
         # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
-        self._key_requests: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._key_requests: BoundedMap[str, tuple[str, str]] = BoundedMap(_REQUESTS_REMEMBERED)
         self._nio_queued: set[int] = set()  # ids of nio's to-device messages being handed over
         self._rotate: set[str] = set()  # Megolm session ids to replace before the next message
         self._m_room_keys = metrics.counter(
@@ -728,8 +728,6 @@ class KeySharing:
             raise RoomKeysNotQueued(f"room keys for {room_id} not stored: {exc}") from exc
         for txn_id in txn_ids:
             self._key_requests[txn_id] = (room_id, session.id)
-        while len(self._key_requests) > _REQUESTS_REMEMBERED:
-            self._key_requests.popitem(last=False)
         try:
             await self.room_keys.note_requests(txn_ids, room_id, session.id)
         except Exception:
@@ -1052,8 +1050,6 @@ class KeySharing:
 
     def _remember_answered(self, key: tuple[str, str, str]) -> None:
         self._answered[key] = None
-        while len(self._answered) > _REQUESTS_REMEMBERED:
-            self._answered.popitem(last=False)
 
     async def _serve_meant_key(
         self, olm: Any, event: RoomKeyRequest, device: Any, trust: DeviceTrust
