@@ -60,6 +60,7 @@ from bot_toolkit import key_sharing as _key_sharing
 from bot_toolkit import nio_plugin as _nio_plugin
 from bot_toolkit._nio_adapter import NioHooks, send_sender_device_keys
 from bot_toolkit._nio_identity import device_by_curve25519, device_keys, device_verified
+from bot_toolkit._nio_store import NIO_DEFAULT_PICKLE_KEY
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import SecretSend
 from bot_toolkit.identity.api import IdentityApi
@@ -335,6 +336,12 @@ class BotToolkit:
             raise ToolkitError(
                 "the client has no encryption: give it AsyncClientConfig(encryption_enabled="
                 "True) and a store path, and install matrix-nio[e2e]"
+            )
+        if client.config.pickle_key == NIO_DEFAULT_PICKLE_KEY:
+            log.warning(
+                "nio's store uses nio's public default pickle key: a copy of it is a copy of the "
+                "bot's identity keys. Give the client AsyncClientConfig(pickle_key="
+                "bot_toolkit.store_secret(data_dir)) (an existing store must be moved with it)"
             )
         stack = contextlib.AsyncExitStack()
         self._stack = stack
