@@ -223,7 +223,10 @@ class InboundQueue:
             ids, self._acked = sorted(self._acked), set()
             try:
                 await self._delete(ids)
-            except Exception as exc:
+            except BaseException as exc:
+                self._acked.update(ids)  # kept for the next flush (close() flushes again)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled
                 self._m_errors.inc("ack")
                 log.error("inbound queue: could not forget %d handled events: %s", len(ids), exc)
                 return
