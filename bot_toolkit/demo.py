@@ -60,6 +60,7 @@ from bot_toolkit.config import (
     StorageConfig,
     VerificationConfig,
 )
+from bot_toolkit.install_secret import store_secret
 from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
@@ -137,7 +138,11 @@ class ScriptedPeer:
             self.user.user_id,
             device_id=self.user.device_id,
             store_path=str(store_dir),
-            config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
+            config=AsyncClientConfig(
+                encryption_enabled=True,
+                store_sync_tokens=True,
+                pickle_key=store_secret(self.workdir / "alice"),
+            ),
         )
         client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
         active_redactor().add(self.user.access_token)
