@@ -186,3 +186,32 @@ async def test_rows_a_new_secret_cannot_open_are_dropped_loudly(
         assert await _rows(store) == 0
     finally:
         await store.close()
+
+
+async def test_close_during_an_ack_flush_keeps_the_ids(tmp_path: Path) -> None:
+    """close() cancels a flush that is inside its delete: the ids are kept and flushed by
+    close() itself, so no handled event is replayed at the next start."""
+    from bot_toolkit.inbound_queue import Received  # noqa: PLC0415
+
+    store = await Store.open(tmp_path / "s.sqlite3")
+    try:
+        queue = InboundQueue(store, SECRET)
+        await queue.open()
+        await queue.commit([Received(f"id{i}", ping(i), None) for i in range(5)])
+        inside, release = asyncio.Event(), asyncio.Event()
+        real = queue._delete
+
+        async def slow(ids: Any) -> None:
+            inside.set()
+            await release.wait()
+            await real(ids)
+
+        queue._delete = slow  # type: ignore[method-assign]
+        for i in range(5):
+            queue.ack(f"id{i}")
+        await asyncio.wait_for(inside.wait(), 10)  # the flusher is inside its delete
+        queue._delete = real  # type: ignore[method-assign]
+        await queue.close()
+        assert await _rows(store) == 0
+    finally:
+        await store.close()
