@@ -341,3 +341,26 @@ async def test_hostile_room_events_on_the_wire(synapse: LocalSynapse, tmp_path: 
     finally:
         await carol.close()
         await peer.close()
+
+
+async def test_bot_creates_the_dm_and_requests(
+    synapse: LocalSynapse, tmp_path: Path, peer: JsPeer
+) -> None:
+    """No shared room yet: the bot creates an encrypted DM, invites the user and requests there;
+    the user joins and accepts."""
+    async with running_bot(synapse, tmp_path) as bot:
+        identity = await with_identity(bot, tmp_path)
+        assert peer.user_id is not None and peer.device_id is not None
+        await peer.download_keys(bot.user_id, bot.device_id, timeout=T)
+        await peer.auto_accept(confirm=True, user_id=bot.user_id)
+        flow = await bot.manager.request_user_verification(peer.user_id)
+        (info,) = bot.manager.list_in_progress()
+        assert info.id == flow and info.room_id is not None
+        room = bot.client.rooms[info.room_id]
+        assert room.encrypted and peer.user_id in room.invited_users
+        await peer.join(info.room_id, timeout=T)
+        result = await bot.manager.wait_finished(flow, T)
+        assert isinstance(result, VerificationDone), result
+        await assert_mutually_verified(peer, bot, identity)
+        # Asked again, the bot reuses that DM.
+        assert await bot.manager.rooms.direct_room(peer.user_id) == info.room_id  # type: ignore[union-attr]

@@ -302,9 +302,11 @@ class NioRooms:
         from nio import RoomSendResponse  # noqa: PLC0415
 
         room = self._client.rooms.get(room_id)
-        if room is None or (not self.encrypt and room.encrypted):
-            # A room nio has not synced yet (a restart cancel before the first sync) cannot be
-            # encrypted for; verification events are not secret.
+        if room is None or (room.encrypted and (not self.encrypt or room.invited_users)):
+            # Plaintext, which the spec allows (verification events are not secret), where
+            # encryption would hinder the verification: a room nio has not synced yet (a restart
+            # cancel before the first sync), a member still invited (nio shares room keys with
+            # joined members only: a DM we just created), or the policy withholding keys.
             return await self._send_plaintext(room_id, event_type, content)
         # One at a time: nio's group session sharing is not safe to run concurrently per room.
         async with self._send_lock:
@@ -379,7 +381,13 @@ class NioRooms:
         if not isinstance(resp, RoomCreateResponse):
             raise RoomSendError(f"creating a DM with {user_id} failed: {resp}")
         room_id = str(resp.room_id)
+        def known() -> bool:
+            # Encrypted and the invite seen (in the timeline the invite comes after the
+            # encryption event, and nio may be between the two).
+            room = client.rooms.get(room_id)
+            return room is not None and room.encrypted and user_id in room.users
+
         async with asyncio.timeout(_ROOM_WAIT):
-            while room_id not in client.rooms or not client.rooms[room_id].encrypted:  # noqa: ASYNC110
+            while not known():  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
         return room_id
