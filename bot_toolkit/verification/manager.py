@@ -14,11 +14,17 @@ The work is split by job; this module wires the parts together and holds the pub
 * :mod:`~bot_toolkit.verification.engine`: input -> table -> actions (sends, lifecycle events);
 * :mod:`~bot_toolkit.verification.transactions`: the records, timers and locks per transaction;
 * :mod:`~bot_toolkit.verification.peer_keys`: device and master keys, held requests;
-* :mod:`~bot_toolkit.verification.persistence`: the restart-cancel table.
+* :mod:`~bot_toolkit.verification.persistence`: the restart-cancel table;
+* :mod:`~bot_toolkit.verification.rooms`: the in-room transport (user verification in a DM);
+* :mod:`~bot_toolkit.verification.user_trust`: verified users (after
+  :meth:`VerificationManager.enable_user_trust`).
 
 Both roles are supported: answering a request (ready; then either side starts) and
-:meth:`VerificationManager.request_verification`. A start without a request (the deprecated
-start-first flow) is handled as the table says.
+:meth:`VerificationManager.request_verification` (to-device, one device) or
+:meth:`VerificationManager.request_user_verification` (in a room, the way Element verifies
+users). A start without a request (the deprecated start-first flow) is handled as the table
+says. To-device and in-room flows share the table, the SAS code, the policy and the admin API;
+the in-room differences are the table's ``IN_ROOM_DIFFERENCES``.
 
 Rules that live here rather than in the table (the table decides every cancel code):
 

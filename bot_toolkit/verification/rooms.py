@@ -381,6 +381,7 @@ class NioRooms:
         if not isinstance(resp, RoomCreateResponse):
             raise RoomSendError(f"creating a DM with {user_id} failed: {resp}")
         room_id = str(resp.room_id)
+
         def known() -> bool:
             # Encrypted and the invite seen (in the timeline the invite comes after the
             # encryption event, and nio may be between the two).
