@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -492,5 +493,36 @@ async def test_admin_token_from_config_secret() -> None:
     try:
         assert (await client.get("/admin/verifications", headers=AUTH)).status == 200
         assert (await client.get("/admin/verifications")).status == 401
+    finally:
+        await client.close()
+
+
+async def test_admin_lists_in_room_flows_with_their_room() -> None:
+    """An in-room flow: the id is the request's event id (``$``, ``:`` in the path), the entry
+    carries ``room_id``; confirm reaches the controller with that id."""
+    flow = "$Abc-_123:example.org"
+    info = VerificationInfo(
+        id=flow,
+        user_id="@alice:example.org",
+        device_id="ALICEDEV",
+        state="keys_exchanged",
+        emoji=(("🐶", "Dog"),),
+        decimals=(1234, 5678, 910),
+        room_id="!dm:example.org",
+    )
+    controller = FakeController(items=[info])
+    client = await _client(
+        make_app(BotState(), Metrics(), controller=controller, admin_token=TOKEN)
+    )
+    try:
+        listed = (await (await client.get("/admin/verifications", headers=AUTH)).json())[
+            "verifications"
+        ]
+        assert [(v["id"], v["room_id"], v["decimals"]) for v in listed] == [
+            (flow, "!dm:example.org", [1234, 5678, 910])
+        ]
+        path = "/admin/verifications/" + quote(flow, safe="") + "/confirm"
+        assert (await client.post(path, headers=AUTH)).status == 200
+        assert ("confirm", flow) in controller.calls
     finally:
         await client.close()
