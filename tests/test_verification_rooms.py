@@ -484,3 +484,19 @@ async def test_flow_left_by_a_restart_is_cancelled_in_its_room(
         assert len(room.by(second.user_id, "cancel")) == 1
     finally:
         await store.close()
+
+
+async def test_request_from_a_user_not_allowed_is_refused_in_the_room(
+    room: FakeRoom, clock: FakeClock
+) -> None:
+    side = await room_side(
+        "bot", room, clock, VerificationPolicy(allowed_users=["@someone-else:test"])
+    )
+    try:
+        flow = room.post(PEER, "m.room.message", _request())
+        await eventually(lambda: len(room.by(side.user_id, "cancel")) == 1)
+        cancel = room.by(side.user_id, "cancel")[0]["content"]
+        assert cancel["code"] == "m.user" and cancel["m.relates_to"]["event_id"] == flow
+        assert side.manager.state_of(flow) is None
+    finally:
+        await close(side)
