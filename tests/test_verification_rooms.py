@@ -500,3 +500,21 @@ async def test_request_from_a_user_not_allowed_is_refused_in_the_room(
         assert side.manager.state_of(flow) is None
     finally:
         await close(side)
+
+
+async def test_second_device_answering_our_request_is_ignored(room: FakeRoom, bot: Side) -> None:
+    flow = await bot.manager.request_user_verification(PEER)
+    room.post(PEER, "m.key.verification.ready", _ready(flow))
+    await eventually(lambda: bot.manager.state_of(flow) is State.STARTED_OUT)
+    before = len(room.events)
+    room.post(PEER, "m.key.verification.ready", _ready(flow, "PEERDEV2"))
+    await settle_bot(bot)
+    assert _silent(room, bot, before)
+    assert bot.manager.state_of(flow) is State.STARTED_OUT
+    # A cancel from the user (a plaintext room cancel names no device) ends the flow, unanswered.
+    room.post(
+        PEER, "m.key.verification.cancel", room_content({"code": "m.user", "reason": "no"}, flow)
+    )
+    await eventually(lambda: bot.manager.state_of(flow) is State.CANCELLED)
+    await settle_bot(bot)
+    assert _silent(room, bot, before)
