@@ -412,7 +412,7 @@ class BotToolkit:
                 clock=self._clock,
             )
             # Other users' cross-signing, for share_with = cross_signed / verified.
-            cross_signing = CrossSigningTrust(IdentityApi(nio_requester(client), client.user_id))
+            cross_signing = self.cross_signing  # the one sender_trust reads too
             sharing.cross_signing = cross_signing
 
             async def user_changed(event: UserVerified | UserIdentityChanged) -> None:
