@@ -127,7 +127,7 @@ __all__ = [
 logger = logging.getLogger("bot_toolkit.nio_plugin")
 
 _OLM_ALGORITHM: Final = "m.olm.v1.curve25519-aes-sha2"
-KEY_QUERY_WAIT: Final = 1.0
+KEY_QUERY_WAIT: Final = 3.0
 """Seconds a ``client.keys_query()`` caller (nio's sync loop, ``room_send``) waits for the
 per-user queries it started; slower ones go on in the background."""
 _MAX_LOGGED_DECODE_ERRORS: Final = 256
