@@ -6,8 +6,9 @@ sharing), the riskiest configuration: ``allowed_users`` matches the bot's own us
 knows the bot's password logs in a new device (a real nio client running bot_toolkit's own
 verification manager), asks the bot to verify it, then asks for the Megolm session of a message
 the bot sent. Without ``own_devices`` the verification is refused (``m.user``), the key request
-gets ``m.unauthorised`` and no forwarded key leaves the bot; with the device named in
-``own_devices`` both go through (the positive control: the same steps do deliver a key).
+gets ``m.unauthorised``, no forwarded key leaves the bot, and the bot's next message to the room
+gives the device ``m.unauthorised`` instead of the room key; with the device named in
+``own_devices`` all three go through (the positive control: the same steps do deliver keys).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 import pytest
 from nio import JoinResponse, RoomCreateResponse, RoomSendResponse
 
-from bot_toolkit.events import ForwardedRoomKey, RoomKeyWithheld
+from bot_toolkit.events import ForwardedRoomKey, RoomKey, RoomKeyWithheld
 from bot_toolkit.verification import VerificationCancelled, VerificationDone, VerificationPolicy
-from bot_toolkit.withheld import SharingPolicy
+from bot_toolkit.withheld import ShareWith, SharingPolicy
 from tests.nio_helpers import (
     close_clients,
     know_each_other,
@@ -52,7 +53,8 @@ async def test_new_device_on_the_bots_account(
     bot_user = await asyncio.to_thread(synapse.register)
     own = (NEW_DEVICE,) if opted_in else ()
     policy = VerificationPolicy(allowed_users=["@*:*"], confirm=auto_confirm(), own_devices=own)
-    sharing = SharingPolicy(own_devices=frozenset(own))
+    # share_with="all": without the own-device rule, an unverified device would get room keys.
+    sharing = SharingPolicy(share_with=ShareWith.ALL, own_devices=frozenset(own))
     friend = await make_client(synapse, tmp_path)
     try:
         async with running_bot(
@@ -90,6 +92,7 @@ async def test_new_device_on_the_bots_account(
                 )
                 async with running_peer(intruder, peer_policy) as peer:
                     await _verify_then_request(bot, peer, intruder, room_id, session_id, opted_in)
+                    await _next_message(bot, peer, room_id, opted_in)
             finally:
                 await close_clients(intruder)
     finally:
@@ -175,3 +178,30 @@ async def _verify_then_request(  # noqa: PLR0917
     )
     assert forwarded() == []
     assert kept is not None and kept.get("key_request") == 1
+
+
+async def _next_message(bot: Any, peer: Any, room_id: str, opted_in: bool) -> None:
+    """The bot's next message: the new device (a member of the room, as the bot's own user is)
+    gets the room key only when named; otherwise ``m.unauthorised``."""
+    sent = await bot.client.room_send(
+        room_id, "m.room.message", {"msgtype": "m.text", "body": "after the login"}
+    )
+    assert isinstance(sent, RoomSendResponse), sent
+    session_id = bot.client.olm.outbound_group_sessions[room_id].id
+
+    def keys() -> list[RoomKey]:
+        return [e for e in peer.seen if isinstance(e, RoomKey) and e.session_id == session_id]
+
+    def refused() -> list[RoomKeyWithheld]:
+        return [
+            e for e in peer.seen if isinstance(e, RoomKeyWithheld) and e.session_id == session_id
+        ]
+
+    await wait_until(
+        lambda: bool(keys() or refused()), within=T, what="the new device hears of the session"
+    )
+    if opted_in:
+        assert len(keys()) == 1 and refused() == []
+    else:
+        assert [e.code for e in refused()] == ["m.unauthorised"]
+        assert keys() == []
