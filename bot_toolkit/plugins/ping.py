@@ -9,7 +9,7 @@ Enable it with::
     answer = "pong"
 
 In an encrypted room the answer is encrypted (the room key goes to the devices the ``[keys]``
-policy allows). ``!ping some text`` answers ``pong some text``. The answer also says whether
+policy allows). ``!ping some text`` answers ``pong some text``; the log line also says whether
 the bot trusts the device the command came from.
 """
 
