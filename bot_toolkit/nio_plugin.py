@@ -54,7 +54,9 @@ the upstream nio issue behind each is in :data:`bot_toolkit._nio_adapter.CONTRAC
   ``LocalProtocolError``. nio 0.26's ``sync_forever`` schedules ``keys_query()`` as a task
   when users are pending; if another task (the verification manager fetching a peer's keys, key
   sharing, the bot's own code) gets their keys first, the scheduled query finds the list empty,
-  raises, and ``sync_forever`` ends. The guard makes that race harmless.
+  raises, and ``sync_forever`` ends. The guard makes that race harmless. This hook and the one
+  on ``client.olm._handle_key_query`` (malformed devices skipped) are in
+  :mod:`bot_toolkit._key_query_guard`.
 
 Decode failures: an event that fails to decode is logged (once per distinct error) and counted in
 ``nio_decode_errors_total``. Consumers that must react to it have two public hooks:
@@ -84,17 +86,18 @@ import copy
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from nio import AsyncClient, KeysQueryError, KeysQueryResponse
+from nio import AsyncClient
 from nio.exceptions import VerificationError
 
 from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
 from bot_toolkit._decode_report import DecodeErrorReporter
 from bot_toolkit._inbound_link import InboundLink
 from bot_toolkit._json_depth import exceeds_depth
+from bot_toolkit._key_query_guard import KEY_QUERY_WAIT, KeyQueryGuard
 from bot_toolkit._nio_adapter import NioHooks, drop_empty_entries, ensure_supported
 from bot_toolkit._nio_identity import (
     DeviceKeys,
@@ -103,16 +106,15 @@ from bot_toolkit._nio_identity import (
     device_keys,
     our_identity,
 )
-from bot_toolkit._olm_checks import curve25519_problem, device_keys_problem, payload_problem
-from bot_toolkit._tasks import TaskSet
+from bot_toolkit._olm_checks import curve25519_problem, payload_problem
 from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
 from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
 from bot_toolkit.inbound_queue import InboundQueue
-from bot_toolkit.key_queries import KeyQueries
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.undecodable import UndecodableEvent, undecodable_from
 
 __all__ = [
+    "KEY_QUERY_WAIT",
     "DecodeErrorListener",
     "DecodedListener",
     "DeviceKeys",
@@ -127,9 +129,6 @@ __all__ = [
 logger = logging.getLogger("bot_toolkit.nio_plugin")
 
 _OLM_ALGORITHM: Final = "m.olm.v1.curve25519-aes-sha2"
-KEY_QUERY_WAIT: Final = 3.0
-"""Seconds a ``client.keys_query()`` caller (nio's sync loop, ``room_send``) waits for the
-per-user queries it started; slower ones go on in the background."""
 _MAX_LOGGED_DECODE_ERRORS: Final = 256
 """Distinct (event type, path, reason) decode errors logged; later new ones are only counted."""
 
@@ -254,11 +253,6 @@ class NioPlugin:
             "To-device events handled without nio (reason: key_request, invalid_sender_key)",
             ["reason"],
         )
-        self._m_skipped = m.counter(
-            "nio_devices_skipped_total",
-            "Devices left out of a key query answer because their keys are malformed",
-            ["reason"],
-        )
         self._m_intercepted = m.counter(
             "nio_verification_intercepted_total",
             "Verification events kept from nio's built-in SAS",
@@ -277,13 +271,17 @@ class NioPlugin:
         self._decode_report = DecodeErrorReporter(
             self._m_decode, logger, limit=_MAX_LOGGED_DECODE_ERRORS
         )
-        self._query_tasks = TaskSet(
-            logger, "key query", lambda _e: self._m_errors.inc("keys_query")
+        self._key_queries = KeyQueryGuard(
+            client,
+            m,
+            errors=self._m_errors,
+            on_error=self._error,
+            attached=lambda: self._attached,
         )
         try:
             self._hooks.install(client, "_handle_to_device", self._wrap_batch)
             self._hooks.install(client, "_handle_decrypt_to_device", self._wrap_event)
-            self._hooks.install(client, "keys_query", self._guard_keys_query)
+            self._hooks.install(client, "keys_query", self._key_queries.wrap_keys_query)
             self._install_olm_hooks()
         except BaseException:
             self._hooks.undo()
@@ -353,37 +351,6 @@ class NioPlugin:
 
     # ----------------------------------------------------------------- hooking
 
-    def _guard_keys_query(self, original: Callable[[], Awaitable[Any]]) -> Callable[[], Any]:
-        client = self.client
-
-        async def keys_query() -> Any:
-            if client.olm is None or not self._attached:
-                return await original()
-            # Checked when the query runs, not when it was scheduled (see the module docs).
-            if not client.users_for_key_query:
-                self._m_errors.inc("keys_query_race")
-                return KeysQueryError("No key query required.")
-            return await self._query_each(sorted(client.users_for_key_query))
-
-        return keys_query
-
-    async def _query_each(self, users: list[str]) -> Any:
-        """nio's ``keys_query()``, one user at a time, never holding the caller long.
-
-        nio queries every pending user in one request and its sync loop waits for the answer,
-        so one slow homeserver (any room member's, say a hostile one) would stop the bot. Here
-        each user is queried on its own through the client's
-        :class:`~bot_toolkit.key_queries.KeyQueries` (capped, bounded in time, each answer
-        handed to nio as it comes); the caller waits at most :data:`KEY_QUERY_WAIT` seconds.
-        """
-        queries = KeyQueries.of(self.client, self.metrics)
-        tasks = [self._query_tasks.spawn(queries.query(u, force=True)) for u in users]
-        done, pending = await asyncio.wait(tasks, timeout=KEY_QUERY_WAIT)
-        if pending or not all(t.result() for t in done):
-            self._m_errors.inc("keys_query_slow")
-            return KeysQueryError(f"keys of {len(pending)} users still coming, or failed")
-        return KeysQueryResponse.from_dict({"device_keys": {}, "failures": {}})
-
     def _hook_olm(self) -> None:
         """Follow ``client.olm`` when nio replaced its Olm machine (inside nio's processing:
         a failure is logged and counted, as nothing may reach nio's sync loop)."""
@@ -401,7 +368,7 @@ class NioPlugin:
         self._olm = olm
         self._hooks.install(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
         self._hooks.install(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
-        self._hooks.install(olm, "_handle_key_query", self._wrap_key_query)
+        self._hooks.install(olm, "_handle_key_query", self._key_queries.wrap_handle_key_query)
         if self.intercept_verification:
             self._hooks.install(olm, "handle_key_verification", self._wrap_verification)
 
@@ -509,37 +476,6 @@ class NioPlugin:
             drop_empty_entries(olm, raw.get("sender"), sender_key, device)
         except Exception:
             self._error("drop_empty_entries")
-
-    def _wrap_key_query(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        def handle_key_query(response: Any) -> Any:
-            if self._attached:
-                self._skip_malformed_devices(response)
-            return original(response)
-
-        return handle_key_query
-
-    def _skip_malformed_devices(self, response: Any) -> None:
-        """Remove devices with malformed keys from a ``/keys/query`` answer before nio reads it.
-
-        nio 0.26 checks each device's self-signature with its ed25519 key; a key that is not a
-        curve point raises out of the whole answer, so one bad device of one user would hide
-        every device of every user queried with it (and a bad curve25519 key breaks sharing a
-        room key later). Such a device is skipped, counted and logged: it never enters nio's
-        device store, so it is never given a key.
-        """
-        try:
-            for user_id, devices in response.device_keys.items():
-                if not isinstance(devices, dict):
-                    continue
-                for device_id in list(devices):
-                    reason = device_keys_problem(str(device_id), devices[device_id])
-                    if reason is None:
-                        continue
-                    del devices[device_id]
-                    self._m_skipped.inc(reason)
-                    logger.warning("skipped device %.64s of %.255s: %s", device_id, user_id, reason)
-        except Exception:
-            self._error("skip_malformed_devices")
 
     def _wrap_verify(
         self, olm: Any, original: Callable[[str, Any], Any]
