@@ -7,6 +7,14 @@ client (instance attributes only; :meth:`KeySharing.detach` undoes it). Decision
 
 Sending (``room_send`` -> ``share_group_session``):
 
+* the room keys themselves go through the outbox, not nio's ``_send``
+  (:func:`bot_toolkit._nio_adapter.share_room_key`): each device's key is recorded in the
+  :class:`~bot_toolkit.room_key_log.RoomKeyLog` and stored in the outbox before the device counts
+  as shared and before the session encrypts anything; if that fails, ``room_send`` raises
+  :class:`RoomKeysNotQueued`. A request the homeserver refuses for good gets its devices
+  ``m.unavailable`` for that session, and the next message uses a new session. nio's own queued
+  to-device messages (``to_device``, ``send_to_device_messages``) go to the outbox too, and an
+  error response's ``soft_logout`` clears the access token only for a real ``M_UNKNOWN_TOKEN``;
 * devices that still have no Olm session after the one-time-key claim get ``m.no_olm``, as the
   :class:`~bot_toolkit.withheld.NoOlmLedger` allows (one notice per device until an Olm session
   with it has existed, then one more);
@@ -28,8 +36,12 @@ session is created or used).
 Receiving (through the :class:`~bot_toolkit.dispatcher.Dispatcher`; attach
 :func:`bot_toolkit.nio_plugin.attach` to the same client so that it is fed):
 
-* ``m.room_key_request``: requests that nio will not serve are answered with ``m.unauthorised``
-  (not a verified device of our own user) or ``m.unavailable`` (we do not hold the session).
+* ``m.room_key_request`` for one of the bot's own sessions from a device the room-key log says
+  was meant to have it (same identity key): answered with ``m.forwarded_room_key`` from the
+  index it was given, Olm-encrypted, through the outbox;
+* other ``m.room_key_request`` events that nio will not serve are answered with
+  ``m.unauthorised`` (not a verified device of our own user) or ``m.unavailable`` (we do not
+  hold the session).
   nio 0.26 serves requests from verified devices of our own user for sessions it holds (it
   forwards the key) and silently ignores everything else, so the two never both answer;
 * ``m.room_key.withheld`` with ``m.no_olm``: the sender could not reach us, so we open a new Olm
