@@ -46,8 +46,9 @@ Receiving (through the :class:`~bot_toolkit.dispatcher.Dispatcher`; attach
   forwards the key) and silently ignores everything else, so the two never both answer;
 * ``m.room_key.withheld`` with ``m.no_olm``: the sender could not reach us, so we open a new Olm
   session with it (claiming one of its one-time keys) and send it an Olm-encrypted ``m.dummy``,
-  at most once per peer device per hour. Every received withheld notice also reaches the bot's
-  own handlers as a :class:`~bot_toolkit.events.RoomKeyWithheld` event.
+  at most once per peer device per hour (:class:`bot_toolkit._no_olm_answers.NoOlmAnswers`).
+  Every received withheld notice also reaches the bot's own handlers as a
+  :class:`~bot_toolkit.events.RoomKeyWithheld` event.
 * both kinds can come from any Matrix user, so each sender user may cause at most
   :data:`~bot_toolkit.withheld.SENDER_BURST` replies to key requests at once, and as many
   answers to ``m.no_olm`` (device-list query included), then one more every
@@ -98,10 +99,10 @@ from bot_toolkit._nio_adapter import (
     olm_encrypt,
     share_room_key,
 )
+from bot_toolkit._no_olm_answers import NoOlmAnswers
 from bot_toolkit._tasks import TaskSet
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
-from bot_toolkit.key_queries import KeyQueries
 from bot_toolkit.metrics import Metrics
 from bot_toolkit.nio_plugin import our_identity
 from bot_toolkit.outbox import OutboxSendFailed
@@ -132,9 +133,6 @@ WITHHELD_EVENT: Final = "m.room_key.withheld"
 _ENCRYPTED_EVENT: Final = "m.room.encrypted"
 _MEGOLM: Final = "m.megolm.v1.aes-sha2"
 _REQUESTS_REMEMBERED: Final = 10_000
-_NO_OLM_ANSWERS: Final = 64
-"""``m.no_olm`` answers (device-list query, claim, ``m.dummy``) running at once; more are
-dropped and counted (``withheld_dummy_total{result="busy"}``)."""
 
 
 class RoomKeysNotQueued(RuntimeError):
@@ -248,18 +246,12 @@ class KeySharing:
         self.ledger = ledger
         self.backoff = ClaimBackoff(clock)
         self.deduper = WithheldDeduper(counters)
-        self._throttle = throttle
         self.room_keys = room_keys
         self._outbox = outbox
         self._counters = counters
         self.cross_signing: CrossSigningView | None = None
         """Other users' cross-signing, for ``share_with`` ``cross_signed`` / ``verified``
         (None: no device counts as cross-signed)."""
-        self._m_dummy = metrics.counter(
-            "withheld_dummy_total",
-            "Answers to received m.no_olm notices (result: sent, throttled, no_device, no_key)",
-            ["result"],
-        )
         self._m_errors = metrics.counter(
             "key_sharing_errors_total",
             "Unexpected errors caught in the key-sharing hooks",
@@ -274,9 +266,6 @@ class KeySharing:
         # Per sender user: withheld replies to key requests, and answers to m.no_olm (device-list
         # query, claim, m.dummy). Any Matrix user can send both.
         self._request_limit = SenderRateLimit(clock)
-        self._no_olm_limit = SenderRateLimit(clock)
-        self._queries = KeyQueries.of(client, metrics)
-        self._answering = 0  # m.no_olm answers running in the background
         self._attached = True
         self._hooks = NioHooks()
         self._olm: Any = None
@@ -290,6 +279,17 @@ class KeySharing:
         self._answered: BoundedMap[tuple[str, str, str], None] = BoundedMap(_REQUESTS_REMEMBERED)
         self._tasks = TaskSet(
             log, "key sharing background", lambda _exc: self._m_errors.inc("background")
+        )
+        self._no_olm = NoOlmAnswers(
+            client,
+            throttle=throttle,
+            outbox=outbox,
+            metrics=metrics,
+            limited=self._m_limited,
+            clock=clock,
+            spawn=self._spawn,
+            on_error=self._error,
+            enabled=lambda: self._attached and self.policy.dummy_on_no_olm,
         )
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
         # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
@@ -1139,92 +1139,8 @@ class KeySharing:
         return True
 
     async def _on_withheld(self, event: RoomKeyWithheld) -> None:
-        """A peer could not set up an Olm session with us: open one to it and send ``m.dummy``."""
-        client = self.client
-        olm = client.olm
-        if not self._attached or olm is None or not self.policy.dummy_on_no_olm:
-            return
-        if not self._no_olm_limit.allow(event.sender):
-            self._m_limited.inc("no_olm")
-            log.debug("m.no_olm from %s: rate limited", event.sender)
-            return
-        if not _knows_user(client, event.sender):
-            # A user the bot shares no room with has no room key to send it: nothing to
-            # answer, and no reason to query (and from then on track) its devices.
-            self._m_dummy.inc("stranger")
-            log.info("m.no_olm from %.255s: not a user the bot knows, no m.dummy", event.sender)
-            return
-        if self._answering >= _NO_OLM_ANSWERS:
-            self._m_dummy.inc("busy")
-            log.info("m.no_olm from %.255s: too many answers in progress", event.sender)
-            return
-        # Off the dispatcher: the device-list query and the one-time-key claim can take as
-        # long as the sender's homeserver makes them.
-        self._answering += 1
-        self._spawn(self._answer_no_olm(event))
-
-    async def _answer_no_olm(self, event: RoomKeyWithheld) -> None:
-        try:
-            olm = self.client.olm
-            if olm is None:
-                return
-            device = _sender_device(olm, event)
-            if device is None:
-                # Unknown device: fetch the sender's device list (at most once a while).
-                await self._queries.query(event.sender)
-                device = _sender_device(olm, event)
-            if device is None:
-                self._m_dummy.inc("no_device")
-                log.info("m.no_olm from %.255s: its device is unknown, no m.dummy", event.sender)
-                return
-            await self._dummy_to(olm, device)
-        finally:
-            self._answering -= 1
-
-    async def _dummy_to(self, olm: Any, device: Any) -> None:
-        peer = self._peer(device)
-        if not await self._throttle.acquire(peer):
-            self._m_dummy.inc("throttled")
-            log.info(
-                "m.no_olm from %s %s: m.dummy sent within the hour", peer.user_id, peer.device_id
-            )
-            return
-        try:
-            sent = await self._open_and_send_dummy(olm, device, peer)
-        except BaseException:
-            await self._release_dummy(peer)
-            raise
-        if not sent:
-            await self._release_dummy(peer)
-
-    async def _open_and_send_dummy(self, olm: Any, device: Any, peer: PeerDevice) -> bool:
-        """Claim a one-time key of ``device``, open a session and send it ``m.dummy``.
-
-        False when no new session could be opened (nothing was sent).
-        """
-        before = olm.session_store.get(device.curve25519)
-        await self.client.keys_claim({device.user_id: [device.device_id]})
-        session = olm.session_store.get(device.curve25519)
-        if session is None or session is before:
-            self._m_dummy.inc("no_key")
-            log.info(
-                "m.no_olm from %s %s: no one-time key to open a session",
-                peer.user_id,
-                peer.device_id,
-            )
-            return False
-        envelope = olm_encrypt(olm, session, device, "m.dummy", {})
-        await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
-        self._m_dummy.inc("sent")
-        log.info("opened an Olm session with %s %s and sent m.dummy", peer.user_id, peer.device_id)
-        return True
-
-    async def _release_dummy(self, peer: PeerDevice) -> None:
-        """Give the hour's ``m.dummy`` slot of ``peer`` back: nothing was sent."""
-        try:
-            await self._throttle.release(peer)
-        except Exception:
-            self._error("dummy_release")
+        """A peer could not set up an Olm session with us (see :class:`NoOlmAnswers`)."""
+        await self._no_olm.on_withheld(event)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1248,23 +1164,3 @@ def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:
     if body.sender_key:
         return body.session_id in by_sender.get(body.sender_key, {})
     return any(body.session_id in sessions for sessions in by_sender.values())
-
-
-def _knows_user(client: Any, user_id: str) -> bool:
-    """Whether nio tracks ``user_id``'s devices or the user is in a room with the bot."""
-    olm = client.olm
-    if olm is not None and (user_id in olm.tracked_users or user_id in olm.device_store.users):
-        return True
-    rooms = (*client.rooms.values(), *client.invited_rooms.values())
-    return any(user_id in room.users for room in rooms)
-
-
-def _sender_device(olm: Any, event: RoomKeyWithheld) -> Any:
-    store = olm.device_store
-    if event.sender not in store.users:
-        return None
-    if event.from_device:
-        device = store[event.sender].get(event.from_device)
-        if device is not None and not device.deleted and device.curve25519 == event.sender_key:
-            return device
-    return store.device_from_sender_key(event.sender, event.sender_key)

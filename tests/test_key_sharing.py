@@ -485,7 +485,7 @@ async def test_no_olm_answers_are_rate_limited_per_sender(offline: Offline) -> N
         clock=clock,
     )
 
-    sharing._queries = KeyQueries(query, clock=clock, metrics=offline.metrics)
+    sharing._no_olm._queries = KeyQueries(query, clock=clock, metrics=offline.metrics)
     offline.olm.tracked_users.update({"@eve:example.org", "@bob:example.org"})
 
     def notice(sender: str, n: int) -> RoomKeyWithheld:
