@@ -19,6 +19,8 @@ Clock = Callable[[], float]
 """A clock in seconds (``time.time`` for persisted times, ``time.monotonic`` for in-memory ones)."""
 
 MEGOLM_ALGORITHM: Final = "m.megolm.v1.aes-sha2"
+WITHHELD_EVENT: Final = "m.room_key.withheld"
+"""The to-device event type of a withheld notice."""
 
 
 @dataclass(frozen=True, slots=True)

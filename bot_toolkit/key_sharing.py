@@ -43,7 +43,8 @@ Receiving (through the :class:`~bot_toolkit.dispatcher.Dispatcher`; attach
   ``m.unauthorised`` (not a verified device of our own user) or ``m.unavailable`` (we do not
   hold the session).
   nio 0.26 serves requests from verified devices of our own user for sessions it holds (it
-  forwards the key) and silently ignores everything else, so the two never both answer;
+  forwards the key) and silently ignores everything else, so the two never both answer
+  (:class:`bot_toolkit._key_request_answers.KeyRequestAnswers`);
 * ``m.room_key.withheld`` with ``m.no_olm``: the sender could not reach us, so we open a new Olm
   session with it (claiming one of its one-time keys) and send it an Olm-encrypted ``m.dummy``,
   at most once per peer device per hour (:class:`bot_toolkit._no_olm_answers.NoOlmAnswers`).
@@ -91,16 +92,16 @@ from nio import (
 )
 
 from bot_toolkit._bounded import BoundedMap
+from bot_toolkit._key_request_answers import KeyRequestAnswers
 from bot_toolkit._nio_adapter import (
     NioHooks,
     contain_soft_logout,
     ensure_supported,
-    inbound_group_sessions,
-    olm_encrypt,
     share_room_key,
 )
 from bot_toolkit._no_olm_answers import NoOlmAnswers
 from bot_toolkit._tasks import TaskSet
+from bot_toolkit._withheld_wire import WITHHELD_EVENT
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import RoomKeyRequest, RoomKeyWithheld, WithheldCode
 from bot_toolkit.metrics import Metrics
@@ -116,7 +117,6 @@ from bot_toolkit.withheld import (
     DummyThrottle,
     NoOlmLedger,
     PeerDevice,
-    SenderRateLimit,
     ShareWith,
     SharingPolicy,
     WithheldDeduper,
@@ -129,7 +129,6 @@ __all__ = ["KeySharing", "NoticeOutbox", "RoomKeysNotQueued", "attach"]
 
 log = logging.getLogger("bot_toolkit.key_sharing")
 
-WITHHELD_EVENT: Final = "m.room_key.withheld"
 _ENCRYPTED_EVENT: Final = "m.room.encrypted"
 _MEGOLM: Final = "m.megolm.v1.aes-sha2"
 _REQUESTS_REMEMBERED: Final = 10_000
@@ -263,9 +262,6 @@ class KeySharing:
             "(what: key_request, no_olm)",
             ["what"],
         )
-        # Per sender user: withheld replies to key requests, and answers to m.no_olm (device-list
-        # query, claim, m.dummy). Any Matrix user can send both.
-        self._request_limit = SenderRateLimit(clock)
         self._attached = True
         self._hooks = NioHooks()
         self._olm: Any = None
@@ -276,7 +272,6 @@ class KeySharing:
         self._observed: set[str] = set()  # curve25519 keys with a live session, not yet recorded
         # m.no_olm transaction ids being handed to the outbox, or handed over but not recorded
         self._in_flight: set[str] = set()
-        self._answered: BoundedMap[tuple[str, str, str], None] = BoundedMap(_REQUESTS_REMEMBERED)
         self._tasks = TaskSet(
             log, "key sharing background", lambda _exc: self._m_errors.inc("background")
         )
@@ -290,6 +285,19 @@ class KeySharing:
             spawn=self._spawn,
             on_error=self._error,
             enabled=lambda: self._attached and self.policy.dummy_on_no_olm,
+        )
+        self._request_answers = KeyRequestAnswers(
+            client,
+            room_keys=room_keys,
+            outbox=outbox,
+            counters=counters,
+            metrics=metrics,
+            limited=self._m_limited,
+            clock=clock,
+            policy=lambda: self.policy,
+            attached=lambda: self._attached,
+            trust=self._trust,
+            own=self._own,
         )
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
         # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
@@ -305,11 +313,6 @@ class KeySharing:
             "room_key_failures_total",
             "Room keys not delivered (what: store, refused_withheld)",
             ["what"],
-        )
-        self._m_forwarded = metrics.counter(
-            "room_key_requests_served_total",
-            "Key requests answered with the key (Olm, through the outbox)",
-            ["result"],  # sent, no_olm_session
         )
         self._m_soft_logout = metrics.counter(
             "nio_soft_logout_ignored_total",
@@ -995,148 +998,11 @@ class KeySharing:
             self._in_flight.discard(txn_id)
         return True
 
-    async def _reply(self, event: RoomKeyRequest, refusal: WithheldError) -> None:
-        _, device_id, curve = self._own()
-        content = withheld_content(
-            refusal,
-            sender_key=event.body.sender_key or curve,
-            from_device=device_id,
-            room_id=event.body.room_id,
-            session_id=event.body.session_id,
-            algorithm=event.body.algorithm,
-        )
-        await self._outbox.send(
-            WITHHELD_EVENT, {event.sender: {event.requesting_device_id: content}}
-        )
-        self._counters.sent.inc(refusal.code)
-        log.info(
-            "answered key request %s from %s %s: %s",
-            event.request_id,
-            event.sender,
-            event.requesting_device_id,
-            refusal.code,
-        )
-
     # ----------------------------------------------------------------- dispatcher handlers
 
     async def _on_key_request(self, event: RoomKeyRequest) -> None:
-        olm = self.client.olm
-        if not self._attached or olm is None or not self.policy.answer_key_requests:
-            return
-        own_user, own_device, _ = self._own()
-        if event.sender == own_user and event.requesting_device_id == own_device:
-            return
-        key = (event.sender, event.requesting_device_id, event.request_id)
-        if key in self._answered:
-            return
-        device = None
-        if event.sender in olm.device_store.users:
-            device = olm.device_store[event.sender].get(event.requesting_device_id)
-            if device is not None and device.deleted:
-                device = None
-        trust = None if device is None else self._trust(olm, device)
-        if (
-            device is not None
-            and trust is not None
-            and await self._serve_meant_key(olm, event, device, trust)
-        ):
-            self._remember_answered(key)
-            return
-        if not self.policy.send_withheld:
-            return
-        try:
-            self.policy.check_key_request(
-                own_user_id=own_user,
-                requester_user_id=event.sender,
-                requester=trust,
-                have_session=lambda: _holds_session(olm, event),
-                requester_device_id=event.requesting_device_id,
-            )
-        except WithheldError as refusal:
-            if not self._request_limit.allow(event.sender):
-                self._m_limited.inc("key_request")
-                log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
-                return
-            await self._reply(event, refusal)
-            self._remember_answered(key)
-
-    def _remember_answered(self, key: tuple[str, str, str]) -> None:
-        self._answered[key] = None
-
-    async def _serve_meant_key(
-        self, olm: Any, event: RoomKeyRequest, device: Any, trust: DeviceTrust
-    ) -> bool:
-        """Answer a request for one of the bot's own sessions with the key, when the room-key
-        log says the bot meant this device (same identity key) to have it.
-
-        The key goes out as ``m.forwarded_room_key`` (the spec's answer to a key request),
-        Olm-encrypted, through the outbox, exported from the index the device was first given:
-        never history from before it was meant to read. True when the request was handled
-        (answered, or silently dropped by the rate limit); False leaves it to the spec's
-        ``m.unauthorised``/``m.unavailable`` rules (and to nio for our own verified devices).
-        """
-        body = event.body
-        own_curve = olm.account.identity_keys["curve25519"]
-        if body.algorithm != _MEGOLM or not body.session_id or not body.room_id:
-            return False
-        if body.sender_key not in (None, own_curve):
-            return False
-        if event.sender == olm.user_id and trust.verified and not trust.blacklisted:
-            return False  # nio forwards keys to our own verified devices itself
-        if self.policy.withholds(trust):
-            return False
-        record = await self.room_keys.lookup(
-            body.session_id, event.sender, event.requesting_device_id
-        )
-        if (
-            record is None
-            or record.room_id != body.room_id
-            or record.curve25519 != device.curve25519
-        ):
-            return False
-        inbound = inbound_group_sessions(olm.inbound_group_store, body.room_id)
-        group_session = inbound.get(own_curve, {}).get(body.session_id)
-        if group_session is None:
-            return False
-        if not self._request_limit.allow(event.sender):
-            self._m_limited.inc("key_request")
-            log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
-            return True
-        session = olm.session_store.get(device.curve25519)
-        if session is None:
-            await self.client.keys_claim({device.user_id: [device.device_id]})
-            session = olm.session_store.get(device.curve25519)
-        if session is None:
-            self._m_forwarded.inc("no_olm_session")
-            log.info(
-                "key request %s from %s %s: no Olm session could be opened",
-                event.request_id,
-                event.sender,
-                event.requesting_device_id,
-            )
-            return True
-        index = max(record.first_index, int(group_session.first_known_index))
-        content = {
-            "algorithm": _MEGOLM,
-            "forwarding_curve25519_key_chain": [],
-            "room_id": body.room_id,
-            "sender_claimed_ed25519_key": olm.account.identity_keys["ed25519"],
-            "sender_key": own_curve,
-            "session_id": body.session_id,
-            "session_key": group_session.export_session(index),
-        }
-        envelope = olm_encrypt(olm, session, device, "m.forwarded_room_key", content)
-        await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
-        self._m_forwarded.inc("sent")
-        log.info(
-            "answered key request %s from %s %s with the key of %s from index %d",
-            event.request_id,
-            event.sender,
-            event.requesting_device_id,
-            body.session_id,
-            index,
-        )
-        return True
+        """An ``m.room_key_request`` (see :class:`KeyRequestAnswers`)."""
+        await self._request_answers.on_key_request(event)
 
     async def _on_withheld(self, event: RoomKeyWithheld) -> None:
         """A peer could not set up an Olm session with us (see :class:`NoOlmAnswers`)."""
@@ -1152,15 +1018,3 @@ def _is_no_olm(event: RoomKeyWithheld) -> bool:
 
 def _is_room_key_failure(event: OutboxSendFailed) -> bool:
     return event.event_type == _ENCRYPTED_EVENT
-
-
-def _holds_session(olm: Any, event: RoomKeyRequest) -> bool:
-    body = event.body
-    if body.algorithm != "m.megolm.v1.aes-sha2":
-        return False
-    # nio 0.26's GroupSessionStore.get() would insert an empty entry per unknown room and
-    # sender key (memory anyone can make us spend): read without writing.
-    by_sender = inbound_group_sessions(olm.inbound_group_store, body.room_id)
-    if body.sender_key:
-        return body.session_id in by_sender.get(body.sender_key, {})
-    return any(body.session_id in sessions for sessions in by_sender.values())
