@@ -1,8 +1,5 @@
 """A nio bot with bot_toolkit: people verify it from Element, and it sends withheld notices.
-
-Set HOMESERVER, USER_ID, DEVICE_ID and ACCESS_TOKEN (optional: STORE_DIR, default "store", and
-ALLOWED_USERS, comma-separated user ids or globs), then run: python nio_bot.py
-"""
+Env: HOMESERVER, USER_ID, DEVICE_ID, ACCESS_TOKEN; optional STORE_DIR, ALLOWED_USERS (globs)."""
 
 import asyncio
 import os
@@ -11,26 +8,24 @@ from nio import AsyncClient, AsyncClientConfig
 
 from bot_toolkit import BotToolkit, RoomKeyWithheld, SasPrompt, VerificationDone, VerificationPolicy
 
-HOMESERVER, USER_ID = os.environ["HOMESERVER"], os.environ["USER_ID"]
-DEVICE_ID, ACCESS_TOKEN = os.environ["DEVICE_ID"], os.environ["ACCESS_TOKEN"]
-STORE_DIR = os.environ.get("STORE_DIR", "store")  # keep it: it holds the bot's device keys
-# Who may verify the bot: user ids or globs (default: everyone on the bot's homeserver).
-ALLOWED_USERS = os.environ.get("ALLOWED_USERS", "@*:" + USER_ID.split(":", 1)[1]).split(",")
+env = os.environ
+USER, DEVICE, STORE = env["USER_ID"], env["DEVICE_ID"], env.get("STORE_DIR", "store")
+ALLOWED = env.get("ALLOWED_USERS", "@*:" + USER.split(":", 1)[1])  # default: its homeserver
 
 
-async def confirm(sas: SasPrompt) -> bool:  # an allowed user's SAS; a real bot might ask
-    emoji = ", ".join(f"{e} {name}" for e, name in sas.emoji)  # its operator instead
+async def confirm(sas: SasPrompt) -> bool:  # True: the SAS matches; a real bot might ask a human
+    emoji = ", ".join(f"{e} {name}" for e, name in sas.emoji)
     print(f"SAS with {sas.user_id} {sas.device_id}: {emoji} | {sas.decimals}", flush=True)
-    return True  # True: it matches (False cancels with m.mismatched_sas)
+    return True
 
 
 async def main() -> None:
-    os.makedirs(STORE_DIR, exist_ok=True)
+    os.makedirs(STORE, exist_ok=True)  # keep it: it holds the bot's device keys
     config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
-    client = AsyncClient(HOMESERVER, USER_ID, DEVICE_ID, STORE_DIR, config=config)
-    client.restore_login(USER_ID, DEVICE_ID, ACCESS_TOKEN)  # loads nio's crypto store
-    policy = VerificationPolicy(allowed_users=ALLOWED_USERS, confirm=confirm)
-    bot = BotToolkit(client, STORE_DIR, verification=policy)  # keys go to verified devices
+    client = AsyncClient(env["HOMESERVER"], USER, DEVICE, STORE, config=config)
+    client.restore_login(USER, DEVICE, env["ACCESS_TOKEN"])  # loads nio's crypto store
+    policy = VerificationPolicy(allowed_users=ALLOWED.split(","), confirm=confirm)
+    bot = BotToolkit(client, STORE, verification=policy)  # keys go to verified devices only
 
     @bot.on(RoomKeyWithheld)
     async def on_withheld(event: RoomKeyWithheld) -> None:
@@ -40,10 +35,9 @@ async def main() -> None:
     async def on_verified(event: VerificationDone) -> None:
         print(f"verified {event.user_id} {event.device_id}", flush=True)
 
-    async with bot:  # starts the parts in order, closes them (and the client) in reverse
-        print(f"ready: verify {USER_ID} device {DEVICE_ID} from Element", flush=True)
+    async with bot:  # starts the parts in order; closes them (and the client) in reverse
+        print(f"ready: verify {USER} device {DEVICE} from Element", flush=True)
         await bot.run()  # syncs until SIGINT or SIGTERM
 
 
-if __name__ == "__main__":
-    asyncio.run(main())
+asyncio.run(main())
