@@ -72,7 +72,6 @@ hooks follow ``client.olm`` when nio replaces it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import logging
@@ -83,22 +82,18 @@ from typing import Any, Final, Protocol
 
 from nio import (
     AsyncClient,
-    ErrorResponse,
     KeysClaimResponse,
     ShareGroupSessionResponse,
-    ToDeviceError,
-    ToDeviceMessage,
-    ToDeviceResponse,
 )
 
 from bot_toolkit._bounded import BoundedMap
 from bot_toolkit._key_request_answers import KeyRequestAnswers
 from bot_toolkit._nio_adapter import (
     NioHooks,
-    contain_soft_logout,
     ensure_supported,
     share_room_key,
 )
+from bot_toolkit._nio_sends import NioSends
 from bot_toolkit._no_olm_answers import NoOlmAnswers
 from bot_toolkit._tasks import TaskSet
 from bot_toolkit._withheld_wire import WITHHELD_EVENT
@@ -302,7 +297,6 @@ class KeySharing:
         self._retry_needed = False  # a notice stayed pending after a failed hand-over
         # outbox txn id -> (room, Megolm session id) of the room keys it carries (this run)
         self._key_requests: BoundedMap[str, tuple[str, str]] = BoundedMap(_REQUESTS_REMEMBERED)
-        self._nio_queued: set[int] = set()  # ids of nio's to-device messages being handed over
         self._rotate: set[str] = set()  # Megolm session ids to replace before the next message
         self._m_room_keys = metrics.counter(
             "room_keys_queued_total",
@@ -314,20 +308,16 @@ class KeySharing:
             "Room keys not delivered (what: store, refused_withheld)",
             ["what"],
         )
-        self._m_soft_logout = metrics.counter(
-            "nio_soft_logout_ignored_total",
-            "nio error responses whose soft_logout flag was not a real M_UNKNOWN_TOKEN",
-            [],
-        )
+        self._nio_sends = NioSends(client, outbox, metrics, attached=lambda: self._attached)
 
         try:
             self._hooks.install(client, "share_group_session", self._wrap_share)
             self._hooks.install(client, "keys_claim", self._wrap_keys_claim)
-            self._hooks.install(client, "to_device", self._wrap_to_device)
+            self._hooks.install(client, "to_device", self._nio_sends.wrap_to_device)
             self._hooks.install(
-                client, "send_to_device_messages", self._wrap_send_to_device_messages
+                client, "send_to_device_messages", self._nio_sends.wrap_send_to_device_messages
             )
-            self._hooks.install(client, "receive_response", self._wrap_receive_response)
+            self._hooks.install(client, "receive_response", self._nio_sends.wrap_receive_response)
             self._install_olm_hooks()
         except BaseException:
             self._hooks.undo()
@@ -822,78 +812,6 @@ class KeySharing:
         self._counters.sent.inc(WithheldCode.UNAVAILABLE, amount=len(records))
         self._m_room_key_failures.inc("refused_withheld", amount=len(records))
         log.info("told %d devices m.unavailable for a refused room key", len(records))
-
-    # ----------------------------------------------------------------- nio's own to-device queue
-
-    def _wrap_to_device(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        async def to_device(message: ToDeviceMessage, tx_id: str | None = None) -> Any:
-            if not self._attached:
-                return await original(message, tx_id)
-            return await self._queue_nio_message(message, tx_id)
-
-        return to_device
-
-    def _wrap_send_to_device_messages(
-        self, original: Callable[[], Awaitable[Any]]
-    ) -> Callable[[], Awaitable[Any]]:
-        async def send_to_device_messages() -> Any:
-            if not self._attached:
-                return await original()
-            # Two callers (sync_forever and the bot's loop) may run this at once: a message
-            # being handed over is not handed over twice.
-            pending = [
-                m for m in self.client.outgoing_to_device_messages if id(m) not in self._nio_queued
-            ]
-            self._nio_queued.update(id(m) for m in pending)
-            try:
-                return list(
-                    await asyncio.gather(*(self._queue_nio_message(m, None) for m in pending))
-                )
-            finally:
-                self._nio_queued.difference_update(id(m) for m in pending)
-
-        return send_to_device_messages
-
-    async def _queue_nio_message(self, message: ToDeviceMessage, tx_id: str | None) -> Any:
-        """Store one of nio's to-device messages (forwarded keys, key requests and their
-        cancellations, ``m.dummy``, ...) in the outbox; nio treats it as sent once stored."""
-        messages = message.as_dict()["messages"]
-        try:
-            await self._outbox.send(
-                message.type, messages, txn_id=None if tx_id is None else str(tx_id)
-            )
-        except Exception as exc:
-            log.warning(
-                "could not store nio's %s to-device message: %s", message.type, type(exc).__name__
-            )
-            error = ToDeviceError(f"not stored in the outbox: {type(exc).__name__}")
-            error.to_device_message = message
-            return error
-        response = ToDeviceResponse(message)
-        await self.client.receive_response(response)  # nio: remove from its queue, follow-ups
-        return response
-
-    def _wrap_receive_response(
-        self, original: Callable[[Any], Awaitable[None]]
-    ) -> Callable[[Any], Awaitable[None]]:
-        async def receive_response(response: Any) -> None:
-            if self._attached and isinstance(response, ErrorResponse):
-                self._contain_soft_logout(response)
-            await original(response)
-
-        return receive_response
-
-    def _contain_soft_logout(self, response: ErrorResponse) -> None:
-        flag = response.soft_logout
-        if not contain_soft_logout(response):
-            return
-        self._m_soft_logout.inc()
-        log.warning(
-            "nio read soft_logout (a %s) from a %s with errcode %s; the access token is kept",
-            type(flag).__name__,
-            type(response).__name__,
-            response.status_code,
-        )
 
     def _account_claim(self, olm: Any, claimed: list[Any], response: Any) -> None:
         if not isinstance(response, KeysClaimResponse):
