@@ -1,10 +1,11 @@
-"""The nio plugin's guard on device-key queries: per-user queries, and malformed devices skipped.
+"""The nio plugin's guard on device-key queries: bounded batches, and malformed devices skipped.
 
 Two hooks of :class:`~bot_toolkit.nio_plugin.NioPlugin`, installed by it:
 
-* ``client.keys_query()`` queries each pending user on its own through the client's
-  :class:`~bot_toolkit.key_queries.KeyQueries` and waits at most :data:`KEY_QUERY_WAIT` seconds
-  (see the :mod:`bot_toolkit.nio_plugin` docs for why nio's own query can stop the sync loop);
+* ``client.keys_query()`` queries the pending users in batches of :data:`BATCH_USERS` (each
+  bounded in time, a user never in two at once) and waits at most :data:`KEY_QUERY_WAIT`
+  seconds (see the :mod:`bot_toolkit.nio_plugin` docs for why nio's own query can stop the sync
+  loop);
 * ``client.olm._handle_key_query(response)`` first removes devices whose keys are malformed.
 """
 
@@ -19,16 +20,19 @@ from nio import AsyncClient, KeysQueryError, KeysQueryResponse
 
 from bot_toolkit._olm_checks import device_keys_problem
 from bot_toolkit._tasks import TaskSet
-from bot_toolkit.key_queries import KeyQueries
+from bot_toolkit.key_queries import QUERY_TIMEOUT, nio_query_users
 from bot_toolkit.metrics import Counter, Metrics
 
-__all__ = ["KEY_QUERY_WAIT", "KeyQueryGuard"]
+__all__ = ["BATCH_USERS", "KEY_QUERY_WAIT", "KeyQueryGuard"]
 
 logger = logging.getLogger("bot_toolkit.nio_plugin")
 
 KEY_QUERY_WAIT: Final = 3.0
 """Seconds a ``client.keys_query()`` caller (nio's sync loop, ``room_send``) waits for the
-per-user queries it started; slower ones go on in the background."""
+batches it started; slower ones go on in the background."""
+BATCH_USERS: Final = 100
+"""Users asked for in one ``/keys/query`` of nio's pending users (a room of 10,000 members is
+100 requests, not 10,000; one user per request made big rooms take minutes)."""
 
 
 class KeyQueryGuard:
@@ -58,6 +62,8 @@ class KeyQueryGuard:
             ["reason"],
         )
         self._query_tasks = TaskSet(logger, "key query", lambda _e: errors.inc("keys_query"))
+        self._querying: set[str] = set()
+        """Users in a batch still running (a later ``keys_query()`` does not ask again)."""
 
     def wrap_keys_query(self, original: Callable[[], Awaitable[Any]]) -> Callable[[], Any]:
         """The replacement for ``client.keys_query``."""
@@ -70,26 +76,47 @@ class KeyQueryGuard:
             if not client.users_for_key_query:
                 self._m_errors.inc("keys_query_race")
                 return KeysQueryError("No key query required.")
-            return await self._query_each(sorted(client.users_for_key_query))
+            return await self._query_batches(sorted(client.users_for_key_query))
 
         return keys_query
 
-    async def _query_each(self, users: list[str]) -> Any:
-        """nio's ``keys_query()``, one user at a time, never holding the caller long.
+    async def _query_batches(self, users: list[str]) -> Any:
+        """nio's ``keys_query()`` in bounded batches, never holding the caller long.
 
         nio queries every pending user in one request and its sync loop waits for the answer,
         so one slow homeserver (any room member's, say a hostile one) would stop the bot. Here
-        each user is queried on its own through the client's
-        :class:`~bot_toolkit.key_queries.KeyQueries` (capped, bounded in time, each answer
-        handed to nio as it comes); the caller waits at most :data:`KEY_QUERY_WAIT` seconds.
+        the pending users not already being queried go out in batches of :data:`BATCH_USERS`,
+        each a request the homeserver answers within its ``timeout`` (a slow remote homeserver's
+        users come back as failures and stay pending) and that is cut after
+        :data:`~bot_toolkit.key_queries.QUERY_TIMEOUT` seconds; each answer goes to nio as it
+        comes, and the caller waits at most :data:`KEY_QUERY_WAIT` seconds.
         """
-        queries = KeyQueries.of(self.client, self.metrics)
-        tasks = [self._query_tasks.spawn(queries.query(u, force=True)) for u in users]
-        done, pending = await asyncio.wait(tasks, timeout=KEY_QUERY_WAIT)
-        if pending or not all(t.result() for t in done):
+        fresh = [u for u in users if u not in self._querying]
+        self._querying.update(fresh)
+        batches = [fresh[i : i + BATCH_USERS] for i in range(0, len(fresh), BATCH_USERS)]
+        tasks = [self._query_tasks.spawn(self._query_batch(batch)) for batch in batches]
+        if not tasks:  # every pending user is in a batch still running
             self._m_errors.inc("keys_query_slow")
-            return KeysQueryError(f"keys of {len(pending)} users still coming, or failed")
+            return KeysQueryError(f"keys of {len(users)} users still coming")
+        done, pending = await asyncio.wait(tasks, timeout=KEY_QUERY_WAIT)
+        if pending or not all(t.result() for t in done) or len(fresh) < len(users):
+            self._m_errors.inc("keys_query_slow")
+            return KeysQueryError("keys of some users still coming, or failed")
         return KeysQueryResponse.from_dict({"device_keys": {}, "failures": {}})
+
+    async def _query_batch(self, users: list[str]) -> bool:
+        """One bounded ``/keys/query`` for ``users``; False (logged) when it failed or was slow."""
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                await nio_query_users(self.client, users)
+        except Exception as exc:  # TimeoutError included: they stay pending in nio
+            logger.warning(
+                "keys query for %d users failed: %s", len(users), type(exc).__name__ or "error"
+            )
+            return False
+        finally:
+            self._querying.difference_update(users)
+        return True
 
     def wrap_handle_key_query(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """The replacement for ``client.olm._handle_key_query``."""

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from bot_toolkit._bounded import BoundedMap
@@ -37,6 +37,7 @@ __all__ = [
     "KeyQueries",
     "KeyQueryFailed",
     "nio_query",
+    "nio_query_users",
 ]
 
 log = logging.getLogger("bot_toolkit.key_queries")
@@ -49,6 +50,9 @@ NEGATIVE_TTL: Final = 60.0
 """Seconds during which a user just queried is not queried again."""
 MAX_USERS: Final = 10_000
 """Users the negative cache remembers."""
+REMOTE_TIMEOUT_MS: Final = 5_000
+"""The ``timeout`` of our ``/keys/query`` requests: how long the homeserver may wait for other
+homeservers (the spec recommends 10 s; less, so :data:`QUERY_TIMEOUT` is not reached first)."""
 
 _BY_CLIENT: weakref.WeakKeyDictionary[Any, KeyQueries] = weakref.WeakKeyDictionary()
 
@@ -56,26 +60,36 @@ _BY_CLIENT: weakref.WeakKeyDictionary[Any, KeyQueries] = weakref.WeakKeyDictiona
 async def nio_query(client: Any, user_id: str) -> None:
     """Download ``user_id``'s device keys into nio's device store (nio then tracks the user).
 
-    One ``/keys/query`` for this user alone, made here and handed to nio with
-    ``client.receive_response``, rather than nio's ``keys_query()``: that one asks for every user
-    in nio's shared ``users_for_key_query`` at once (and the sync loop waits for it), so one slow
-    or hostile homeserver would hold up the keys of everyone else.
+    One ``/keys/query`` for this user alone (see :func:`nio_query_users`), rather than nio's
+    ``keys_query()``: that one asks for every user in nio's shared ``users_for_key_query`` at
+    once (and the sync loop waits for it).
+    """
+    await nio_query_users(client, [user_id])
+
+
+async def nio_query_users(client: Any, user_ids: Sequence[str]) -> None:
+    """Download the device keys of ``user_ids`` with one ``/keys/query``, handed to nio.
+
+    The request's ``timeout`` tells the homeserver to wait at most :data:`REMOTE_TIMEOUT_MS`
+    for other homeservers: a slow or hostile one then comes back in ``failures`` (its users stay
+    in nio's ``users_for_key_query`` for a later round) instead of holding up the whole answer.
     """
     import aiohttp  # noqa: PLC0415
     from nio import KeysQueryResponse  # noqa: PLC0415
 
-    if client.olm is None:
+    if client.olm is None or not user_ids:
         return
     url = client.homeserver.rstrip("/") + "/_matrix/client/v3/keys/query"
     headers = {"Authorization": f"Bearer {client.access_token}"}
+    body = {"device_keys": {user: [] for user in user_ids}, "timeout": REMOTE_TIMEOUT_MS}
     async with (
         aiohttp.ClientSession() as session,
-        session.post(url, json={"device_keys": {user_id: []}}, headers=headers) as resp,
+        session.post(url, json=body, headers=headers) as resp,
     ):
-        body = await resp.json(content_type=None)
+        answer = await resp.json(content_type=None)
         if resp.status != 200:
             raise KeyQueryFailed(f"HTTP {resp.status}")
-    response = KeysQueryResponse.from_dict(body)
+    response = KeysQueryResponse.from_dict(answer)
     if not isinstance(response, KeysQueryResponse):
         raise KeyQueryFailed(type(response).__name__)
     await client.receive_response(response)

@@ -46,8 +46,9 @@ the upstream nio issue behind each is in :data:`bot_toolkit._nio_adapter.CONTRAC
 * ``client.olm._handle_olm_event(sender, sender_key, payload)``: each validated payload.
 * ``client.olm.handle_key_verification(event)`` (only with ``intercept_verification=True``):
   replaced by a no-op, so nio neither creates its own ``Sas`` on a start nor answers key events.
-* ``client.keys_query()``: queries each pending user on its own through the client's
-  :class:`~bot_toolkit.key_queries.KeyQueries` and waits at most :data:`KEY_QUERY_WAIT` seconds
+* ``client.keys_query()``: queries the pending users in bounded batches (a user never in two
+  requests at once, a slow remote homeserver's users left pending as failures) and waits at
+  most :data:`KEY_QUERY_WAIT` seconds
   (a ``KeysQueryError`` when some are still coming, an empty ``KeysQueryResponse`` when all
   arrived: the answers go to nio as they come), so no slow homeserver holds up the sync loop.
   With nothing left to query it returns a ``KeysQueryError`` instead of raising
