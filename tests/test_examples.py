@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,4 +173,6 @@ async def test_example_is_verified_by_element_and_stops_cleanly(
         bot.access_token,
         store_dir,
         devices=[(human.user_id, human.device_id)],
+        pickle_key=(store_dir / "store.key").read_text().strip(),  # the example's own key
     ) == [True]
+    assert stat.S_IMODE((store_dir / "store.key").stat().st_mode) == 0o600
