@@ -87,6 +87,11 @@ _LAZY: dict[str, str] = {
     # the install's store secret (nio's pickle key, other key stores)
     "STORE_PASSPHRASE_ENV": "bot_toolkit.install_secret",
     "store_secret": "bot_toolkit.install_secret",
+    # a nio client set up for the toolkit
+    "restore_client": "bot_toolkit.nio_client",
+    "client_config": "bot_toolkit.nio_client",
+    "adopt_pickle_key": "bot_toolkit.nio_client",
+    "WrongStoreSecret": "bot_toolkit.nio_client",
 }
 
 if TYPE_CHECKING:
@@ -98,6 +103,12 @@ if TYPE_CHECKING:
     )
     from bot_toolkit.install_secret import STORE_PASSPHRASE_ENV, store_secret
     from bot_toolkit.metrics import Metrics
+    from bot_toolkit.nio_client import (
+        WrongStoreSecret,
+        adopt_pickle_key,
+        client_config,
+        restore_client,
+    )
     from bot_toolkit.outbox import OutboxClosed, OutboxFull, OutboxSendFailed
     from bot_toolkit.plugin_host import Plugin, PluginError
     from bot_toolkit.room_messages import (
@@ -183,9 +194,13 @@ __all__ = [
     "VerificationRelatesTo",
     "VerificationRequested",
     "WithheldCode",
+    "WrongStoreSecret",
     "__version__",
+    "adopt_pickle_key",
+    "client_config",
     "decode",
     "encode_content",
     "parse_command",
+    "restore_client",
     "store_secret",
 ]

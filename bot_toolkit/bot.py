@@ -56,7 +56,6 @@ from urllib.parse import quote
 import aiohttp
 from nio import (
     AsyncClient,
-    AsyncClientConfig,
     JoinResponse,
     KeysUploadResponse,
     LocalProtocolError,
@@ -64,7 +63,6 @@ from nio import (
     SyncResponse,
 )
 
-from bot_toolkit._nio_store import WrongStoreSecret, adopt_pickle_key
 from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
 from bot_toolkit.identity import Identity, identity_for
@@ -76,8 +74,9 @@ from bot_toolkit.install_secret import (
 )
 from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
+from bot_toolkit.nio_client import WrongStoreSecret, client_config, restore_client
 from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
-from bot_toolkit.sas_notice import format_sas, sas_notice
+from bot_toolkit.sas_notice import sas_notice
 from bot_toolkit.session import Session
 from bot_toolkit.store import StoreError
 from bot_toolkit.toolkit import BotToolkit, Settings
@@ -96,7 +95,6 @@ __all__ = [
     "Bot",
     "BotError",
     "Session",
-    "format_sas",
     "run_bot",
     "sas_notice",
 ]
@@ -111,6 +109,10 @@ _FIRST_RETRY: Final = 1.0
 _DRAIN_TIMEOUT: Final = 10.0
 _HANDLER_TIMEOUT: Final = 60.0
 _HTTP_TIMEOUT: Final = 30.0
+_CLIENT_OPTIONS: Final = {
+    "max_timeouts": 0,  # a connection error reaches our own retry loop at once
+    "request_timeout": _HTTP_TIMEOUT,
+}
 _FATAL_ERRCODES: Final = frozenset(
     {"M_FORBIDDEN", "M_USER_DEACTIVATED", "M_INVALID_USERNAME", "M_UNKNOWN_TOKEN"}
 )
@@ -356,19 +358,12 @@ class Bot:
 
     def _new_client(self, device_id: str | None) -> AsyncClient:
         m = self.config.matrix
-        config = AsyncClientConfig(
-            encryption_enabled=True,
-            store_sync_tokens=True,
-            max_timeouts=0,  # a connection error reaches our own retry loop at once
-            request_timeout=_HTTP_TIMEOUT,
-            pickle_key=self._store_secret(),
-        )
         return AsyncClient(
             m.homeserver,
             m.user_id,
             device_id=device_id,
             store_path=str(self.data_dir / NIO_DIR),
-            config=config,
+            config=client_config(self._store_secret(), **_CLIENT_OPTIONS),
         )
 
     async def _whoami(self, token: str) -> tuple[str, str | None] | None:
@@ -442,16 +437,20 @@ class Bot:
         return secret
 
     def _restore(self, user_id: str, device_id: str, token: str) -> None:
-        try:
-            found = adopt_pickle_key(
-                self.data_dir / NIO_DIR, user_id, device_id, self._store_secret()
+        m = self.config.matrix
+        try:  # moves a store still under nio's default pickle key, then loads it
+            client = restore_client(
+                m.homeserver,
+                user_id,
+                device_id,
+                token,
+                self.data_dir,
+                store_dir=self.data_dir / NIO_DIR,
+                pickle_key=self._store_secret(),
+                **_CLIENT_OPTIONS,
             )
         except WrongStoreSecret as e:
             raise BotError(f"{STORE_PASSPHRASE_ENV} / {STORE_KEY_FILE}: {e}") from None
-        if found == "migrated":
-            log.info("moved nio's store from nio's public default pickle key to the install's own")
-        client = self._new_client(device_id)
-        client.restore_login(user_id, device_id, token)  # loads nio's store for this device
         self._adopt(client)
 
     def _adopt(self, client: AsyncClient) -> None:

@@ -41,13 +41,12 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from nio import (
     AsyncClient,
-    AsyncClientConfig,
     RoomCreateResponse,
     RoomMessageNotice,
     RoomSendResponse,
 )
 
-from bot_toolkit.bot import Bot, format_sas
+from bot_toolkit.bot import Bot
 from bot_toolkit.config import (
     BotConfig,
     HttpConfig,
@@ -60,8 +59,8 @@ from bot_toolkit.config import (
     StorageConfig,
     VerificationConfig,
 )
-from bot_toolkit.install_secret import store_secret
 from bot_toolkit.logging_setup import active_redactor
+from bot_toolkit.nio_client import restore_client
 from bot_toolkit.toolkit import BotToolkit, Settings
 from bot_toolkit.verification import (
     SasPrompt,
@@ -69,6 +68,7 @@ from bot_toolkit.verification import (
     VerificationManager,
     VerificationPolicy,
 )
+from bot_toolkit.verification.lifecycle import format_sas
 
 __all__ = ["DEMO_EXTRA_HINT", "main"]
 
@@ -133,18 +133,14 @@ class ScriptedPeer:
     async def start(self, bot_user: str) -> None:
         store_dir = self.workdir / "alice-nio"
         store_dir.mkdir(parents=True)
-        client = AsyncClient(
+        client = restore_client(
             self.homeserver,
             self.user.user_id,
-            device_id=self.user.device_id,
-            store_path=str(store_dir),
-            config=AsyncClientConfig(
-                encryption_enabled=True,
-                store_sync_tokens=True,
-                pickle_key=store_secret(self.workdir / "alice"),
-            ),
+            self.user.device_id,
+            self.user.access_token,
+            self.workdir / "alice",
+            store_dir=store_dir,
         )
-        client.restore_login(self.user.user_id, self.user.device_id, self.user.access_token)
         active_redactor().add(self.user.access_token)
         policy = VerificationPolicy(allowed_users=[bot_user], confirm=self._confirm)
         toolkit = BotToolkit(

@@ -3,22 +3,11 @@ room (plain text plus HTML, every peer-chosen value escaped)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from html import escape
 
 from bot_toolkit.verification.lifecycle import SasReady
 
-__all__ = ["format_sas", "sas_notice"]
-
-
-def format_sas(emoji: Sequence[tuple[str, str]], decimals: Sequence[int] | None) -> str:
-    """The SAS as text: ``"🐶 Dog, 🔑 Key, ..."`` and/or ``"1234 5678 9012"``."""
-    parts = []
-    if emoji:
-        parts.append(", ".join(f"{e} {name}" for e, name in emoji))
-    if decimals:
-        parts.append(" ".join(str(d) for d in decimals))
-    return " | ".join(parts)
+__all__ = ["sas_notice"]
 
 
 def sas_notice(event: SasReady) -> dict[str, str]:
@@ -29,7 +18,7 @@ def sas_notice(event: SasReady) -> dict[str, str]:
     """
     text = (
         f"Verification {event.transaction_id} with your device {event.device_id}: "
-        f"compare with your screen: {format_sas(event.emoji, event.decimals)}"
+        f"compare with your screen: {event.text}"
     )
     content = {"msgtype": "m.notice", "body": text}
     html_emoji = "<br>".join(f"{escape(e)} {escape(name)}" for e, name in event.emoji)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from bot_toolkit.bot import format_sas, sas_notice
+from bot_toolkit.sas_notice import sas_notice
 from bot_toolkit.verification import SasReady
+from bot_toolkit.verification.lifecycle import format_sas
 
 EMOJI = (
     ("🐶", "Dog"),

@@ -137,7 +137,7 @@ async def test_example_is_verified_by_element_and_stops_cleanly(
         assert f"{human.user_id} {human.device_id}" in shown, shown
         for emoji, _name in sas["emoji"]:
             assert emoji in shown, (sas, shown)
-        assert str(tuple(sas["decimal"])) in shown, (sas, shown)
+        assert " ".join(map(str, sas["decimal"])) in shown, (sas, shown)
         await peer.confirm_sas(txn, timeout=T)
         await peer.wait_phase(txn, "done", timeout=T)
         done = f"verified {human.user_id} {human.device_id}"

@@ -95,3 +95,71 @@ async def test_old_install_moves_from_the_default_key(tmp_path: Path) -> None:
 
 def test_new_device_has_nothing_to_move(tmp_path: Path) -> None:
     assert adopt_pickle_key(tmp_path / "nio", USER, DEVICE, "k" * 40) == "new"
+
+
+async def test_restore_client_moves_an_old_store_and_keeps_the_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bot_toolkit.restore_client``, as the README's bots use it: an existing store under nio's
+    default key opens with the same identity, under the install's key, logged in."""
+    import bot_toolkit as bt  # noqa: PLC0415 - the front door, as a user imports it
+
+    monkeypatch.delenv(STORE_PASSPHRASE_ENV, raising=False)
+    old = _client(tmp_path, NIO_DEFAULT_PICKLE_KEY)
+    assert old.olm is not None
+    identity = old.olm.account.identity_keys
+    await old.close()
+
+    client = bt.restore_client("http://127.0.0.1:1", USER, DEVICE, "token", tmp_path)
+    try:
+        assert client.olm is not None and client.olm.account.identity_keys == identity
+        key = (tmp_path / STORE_KEY_FILE).read_text().strip()
+        assert _mode(tmp_path / STORE_KEY_FILE) == 0o600
+        assert client.config.pickle_key == key != NIO_DEFAULT_PICKLE_KEY
+        assert client.config.encryption_enabled and client.config.store_sync_tokens
+        assert (client.user_id, client.device_id, client.access_token) == (USER, DEVICE, "token")
+    finally:
+        await client.close()
+    assert adopt_pickle_key(tmp_path, USER, DEVICE, key) == "current"
+
+
+async def test_restore_client_separate_store_and_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot_toolkit as bt  # noqa: PLC0415
+
+    monkeypatch.setenv(STORE_PASSPHRASE_ENV, "correct horse")
+    client = bt.restore_client(
+        "http://127.0.0.1:1",
+        USER,
+        DEVICE,
+        "token",
+        tmp_path / "data",
+        store_dir=tmp_path / "nio",
+        request_timeout=7.0,
+    )
+    try:
+        assert client.config.pickle_key == "correct horse"
+        assert client.config.request_timeout == 7.0
+        assert client.store_path == str(tmp_path / "nio") and any((tmp_path / "nio").iterdir())
+    finally:
+        await client.close()
+    assert not (tmp_path / "data" / STORE_KEY_FILE).exists()  # the passphrase wins
+    # Another passphrase does not open the store: a typed error, not nio's pickle exception.
+    monkeypatch.setenv(STORE_PASSPHRASE_ENV, "wrong")
+    with pytest.raises(bt.WrongStoreSecret):
+        bt.restore_client(
+            "http://127.0.0.1:1", USER, DEVICE, "t", tmp_path / "data", store_dir=tmp_path / "nio"
+        )
+
+
+def test_client_config_keeps_encryption_on() -> None:
+    import bot_toolkit as bt  # noqa: PLC0415
+
+    config = bt.client_config("k" * 40, store_sync_tokens=False)
+    assert config.encryption_enabled and config.pickle_key == "k" * 40
+    assert not config.store_sync_tokens  # an explicit option wins over the default
+    with pytest.raises(ValueError, match="encryption_enabled"):
+        bt.client_config("k" * 40, encryption_enabled=False)
+    with pytest.raises(ValueError, match="pickle key"):
+        bt.client_config("k" * 40, pickle_key="other")

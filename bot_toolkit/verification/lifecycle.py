@@ -14,6 +14,7 @@ meant to be shown.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -22,7 +23,18 @@ __all__ = [
     "VerificationCancelled",
     "VerificationDone",
     "VerificationRequested",
+    "format_sas",
 ]
+
+
+def format_sas(emoji: Sequence[tuple[str, str]], decimals: Sequence[int] | None) -> str:
+    """The SAS as one line of text: ``"🐶 Dog, 🔑 Key, ..."`` and/or ``"1234 5678 9012"``."""
+    parts = []
+    if emoji:
+        parts.append(", ".join(f"{e} {name}" for e, name in emoji))
+    if decimals:
+        parts.append(" ".join(str(d) for d in decimals))
+    return " | ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +66,11 @@ class SasReady:
     """The three numbers; ``None`` when decimals were not agreed."""
     room_id: str | None = None
     """The room of an in-room flow, else ``None``."""
+
+    @property
+    def text(self) -> str:
+        """The SAS as one line to show a person: ``"🐶 Dog, 🔑 Key, ... | 1234 5678 9012"``."""
+        return format_sas(self.emoji, self.decimals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +112,8 @@ class SasPrompt:
     device_id: str
     emoji: tuple[tuple[str, str], ...]
     decimals: tuple[int, int, int] | None
+
+    @property
+    def text(self) -> str:
+        """The SAS as one line to show a person: ``"🐶 Dog, 🔑 Key, ... | 1234 5678 9012"``."""
+        return format_sas(self.emoji, self.decimals)
