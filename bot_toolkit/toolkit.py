@@ -20,8 +20,9 @@ What :meth:`BotToolkit.start` does, in order (and :meth:`BotToolkit.close` undoe
 3. opens the store ``<data_dir>/bot_toolkit.sqlite3`` (outbox queue, ``m.no_olm`` ledger,
    verification restart table) and puts the durable inbound queue in it (each sync's to-device
    batch is committed before nio saves its sync token; see :mod:`bot_toolkit.inbound_queue`);
-4. starts the outbox, sending over HTTP with the client's own homeserver and access token (it
-   runs before key sharing and verification: both may send while they start);
+4. starts the outbox, sending over HTTP with the client's own homeserver and access token (or
+   over the ``transport`` given; it runs before key sharing and verification: both may send
+   while they start);
 5. attaches key sharing (unless ``key_sharing=None``), which resends notices a crash left;
 6. creates the verification manager (with a policy), connected to the plugin (malformed
    verification events cancel with ``m.invalid_message``; the SAS commitment covers the raw
@@ -35,9 +36,9 @@ What :meth:`BotToolkit.start` does, in order (and :meth:`BotToolkit.close` undoe
 Closing: the dispatcher first (nothing new comes in, running handlers finish for at most
 ``Settings.drain_timeout`` s), then verification, key sharing, the outbox (flushed for at most
 ``Settings.flush_deadline`` s; what is left stays stored for the next start), the plugin, the
-store, the HTTP transport and finally the client. A step that fails is logged and the others
-still run. Every part counts into one :class:`~bot_toolkit.metrics.Metrics` registry
-(:attr:`BotToolkit.metrics`).
+store, the HTTP transport (one the toolkit made) and finally the client. A step that fails is
+logged and the others still run. Every part counts into one
+:class:`~bot_toolkit.metrics.Metrics` registry (:attr:`BotToolkit.metrics`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from bot_toolkit.identity.trust import CrossSigningTrust, SenderTrustResolver
 from bot_toolkit.inbound_queue import InboundQueue
 from bot_toolkit.install_secret import store_secret
 from bot_toolkit.metrics import Metrics
-from bot_toolkit.outbox import HttpTransport, Outbox
+from bot_toolkit.outbox import HttpTransport, Outbox, Transport
 from bot_toolkit.store import Store
 from bot_toolkit.verification.lifecycle import VerificationDone
 from bot_toolkit.verification.manager import VerificationManager
@@ -131,7 +132,12 @@ class BotToolkit:
         key_sharing: the room-key sharing policy; ``None`` leaves room-key sharing to nio.
         metrics: the registry every part counts into (a new one when ``None``).
         settings: tuning of the parts.
-        http_session: an aiohttp session for the outbox (one of its own when ``None``).
+        http_session: an aiohttp session for the outbox's HTTP transport (one of its own when
+            ``None``).
+        transport: what the outbox sends each to-device request with, in place of HTTP to the
+            client's homeserver (a :class:`~bot_toolkit.outbox.Transport`: e.g. one that goes
+            through a proxy of your own, or a test's that encrypts or counts). The caller
+            owns it: :meth:`close` does not close it. Not together with ``http_session``.
         close_client: whether :meth:`close` closes ``client`` too.
         clock: the monotonic clock of key sharing's claim backoff (injectable for tests).
     """
@@ -146,11 +152,14 @@ class BotToolkit:
         metrics: Metrics | None = None,
         settings: Settings = Settings(),
         http_session: aiohttp.ClientSession | None = None,
+        transport: Transport | None = None,
         close_client: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(client, AsyncClient):
             raise TypeError(f"BotToolkit needs a nio.AsyncClient, got {type(client).__name__}")
+        if transport is not None and http_session is not None:
+            raise ValueError("give the outbox a transport or an http_session, not both")
         self._client = client
         self._data_dir = Path(data_dir)
         self._verification_policy = verification
@@ -158,6 +167,7 @@ class BotToolkit:
         self._metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._http_session = http_session
+        self._transport = transport
         self._close_client = close_client
         self._clock = clock
         self._dispatcher = Dispatcher(
@@ -385,8 +395,11 @@ class BotToolkit:
         secret = await asyncio.to_thread(store_secret, self._data_dir)
         waiting = await plugin.use_inbound_queue(InboundQueue(store, secret, self._metrics))
         stack.push_async_callback(self._step, "inbound queue close", plugin.close_inbound)
-        transport = HttpTransport(client.homeserver, client.access_token, self._http_session)
-        stack.push_async_callback(self._step, "transport close", transport.close)
+        transport = self._transport
+        if transport is None:
+            http = HttpTransport(client.homeserver, client.access_token, self._http_session)
+            stack.push_async_callback(self._step, "transport close", http.close)
+            transport = http
         s = self._settings
         outbox = Outbox(
             transport,

@@ -53,6 +53,17 @@ async def test_parts_exist_only_once_started(tmp_path: Path) -> None:
     await toolkit.close()
 
 
+def test_a_transport_and_an_http_session_are_exclusive(tmp_path: Path) -> None:
+    client = AsyncClient("http://127.0.0.1:9", "@bot:test")
+    with pytest.raises(ValueError, match="not both"):
+        BotToolkit(
+            client,
+            tmp_path,
+            transport=RecordingTransport(),
+            http_session=object(),  # type: ignore[arg-type]
+        )
+
+
 async def test_a_client_without_encryption_is_refused(tmp_path: Path) -> None:
     config = AsyncClientConfig(encryption_enabled=False)
     client = AsyncClient("http://127.0.0.1:9", "@bot:test", "DEV", str(tmp_path), config=config)
@@ -119,6 +130,40 @@ async def test_one_registry_and_the_clients_own_credentials(
         assert client.client_session is None  # the client was closed too
     finally:
         await close_clients(client, peer)
+
+
+class RecordingTransport:
+    """An outbox transport that records each request instead of sending it."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        self.closed = False
+
+    async def send_to_device(self, event_type: str, txn_id: str, messages: Any) -> None:
+        self.requests.append((event_type, txn_id, dict(messages)))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.synapse
+async def test_the_outbox_sends_through_a_given_transport(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    """``transport=`` replaces HTTP for the outbox, and stays the caller's: not closed."""
+    client = await make_client(synapse, tmp_path)
+    transport = RecordingTransport()
+    try:
+        async with BotToolkit(
+            client, tmp_path / "data", key_sharing=None, transport=transport
+        ) as toolkit:
+            messages = {"@peer:test": {"PEERDEV": {"n": 1}}}
+            (txn,) = await toolkit.outbox.send("org.example.given", messages)
+            assert await toolkit.outbox.flush(T)
+            assert transport.requests == [("org.example.given", txn, messages)]
+        assert not transport.closed
+    finally:
+        await close_clients(client)
 
 
 @pytest.mark.synapse

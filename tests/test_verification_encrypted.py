@@ -5,11 +5,12 @@ Against the real Synapse, with real nio clients and real Olm:
 * the bot is the production wiring (:func:`tests.verification_helpers.running_bot`: nio with
   encryption, the plugin with ``intercept_verification=True``, an Outbox over HttpTransport and
   a VerificationManager that auto-confirms);
-* the peer is a second nio client running bot_toolkit's own VerificationManager, except that
-  its outbox (:class:`EncryptingOutbox`) Olm-encrypts every verification message it sends, so
-  every peer -> bot verification event is an ``m.room.encrypted`` to-device event whose
-  decrypted payload has the verification type. The bot answers in plaintext (its Outbox), which
-  the peer's own plugin and dispatcher receive.
+* the peer is a second nio client running bot_toolkit too (:class:`bot_toolkit.BotToolkit`,
+  verification on, key sharing off), except that its outbox sends through
+  :class:`EncryptingTransport`, which Olm-encrypts every message, so every peer -> bot
+  verification event is an ``m.room.encrypted`` to-device event whose decrypted payload has the
+  verification type. The bot answers in plaintext (its Outbox), which the peer's own plugin and
+  dispatcher receive.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 from nio import AsyncClient
 
-from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit import BotToolkit, Settings
 from bot_toolkit.events import (
     KeyVerificationCancel,
     KeyVerificationKey,
@@ -32,8 +33,6 @@ from bot_toolkit.events import (
     ToDeviceEvent,
     VerificationEvent,
 )
-from bot_toolkit.metrics import Metrics
-from bot_toolkit.nio_plugin import attach
 from bot_toolkit.verification import (
     VerificationCancelled,
     VerificationDone,
@@ -73,14 +72,15 @@ class Sent:
     content: dict[str, Any]
 
 
-class EncryptingOutbox:
-    """An outbox for a VerificationManager that Olm-encrypts every message it sends.
+class EncryptingTransport:
+    """An outbox transport (:class:`bot_toolkit.outbox.Transport`) that Olm-encrypts every
+    message of a request.
 
     Each (user, device, content) becomes one ``m.room.encrypted`` to-device message (nio's Olm,
     through :func:`tests.nio_helpers.send_olm`) whose decrypted payload has ``type=event_type``.
-    Device ``*`` means every device of the user that ``client`` knows. Sends are serialised, so
-    the Olm ratchet and the wire order follow the order of the calls. ``txn_id`` is accepted for
-    the Outbox signature; the HTTP transaction id is nio's own.
+    Device ``*`` means every device of the user that ``client`` knows. Requests are serialised,
+    so the Olm ratchet and the wire order follow the outbox's order (one lane per recipient).
+    The HTTP transaction ids are nio's own, not ``txn_id``.
     """
 
     def __init__(self, client: AsyncClient) -> None:
@@ -88,20 +88,15 @@ class EncryptingOutbox:
         self.sent: list[Sent] = []
         self._lock = asyncio.Lock()
 
-    async def send(
-        self,
-        event_type: str,
-        messages: Mapping[str, Mapping[str, Mapping[str, Any]]],
-        *,
-        txn_id: str | None = None,
-    ) -> list[str]:
+    async def send_to_device(
+        self, event_type: str, txn_id: str, messages: Mapping[str, Mapping[str, Any]]
+    ) -> None:
         async with self._lock:
             for user_id, devices in messages.items():
                 for device_id, content in devices.items():
                     for target in self._devices(user_id, device_id):
                         await send_olm(self.client, user_id, target, event_type, content)
                         self.sent.append(Sent(event_type, user_id, target, dict(content)))
-        return [txn_id] if txn_id is not None else []
 
     def _devices(self, user_id: str, device_id: str) -> list[str]:
         if device_id != "*":
@@ -115,9 +110,8 @@ class Peer:
     """The peer client with its verification manager and what its dispatcher saw."""
 
     client: AsyncClient
-    dispatcher: Dispatcher
     manager: VerificationManager
-    outbox: EncryptingOutbox
+    transport: EncryptingTransport
     seen: list[ToDeviceEvent] = field(default_factory=list)
     lifecycle: list[object] = field(default_factory=list)
 
@@ -127,34 +121,37 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def running_peer(client: AsyncClient, policy: VerificationPolicy) -> AsyncIterator[Peer]:
-    """``client`` as a syncing verifier whose verification messages all go out Olm-encrypted."""
-    metrics = Metrics()
-    dispatcher = Dispatcher(metrics, handler_timeout=60.0)
-    plugin = attach(client, dispatcher, intercept_verification=True)
-    outbox = EncryptingOutbox(client)
-    manager = VerificationManager(client, dispatcher, outbox, policy, metrics)
-    manager.watch(plugin)
-    peer = Peer(client, dispatcher, manager, outbox)
+async def running_peer(
+    client: AsyncClient, policy: VerificationPolicy, data_dir: Path
+) -> AsyncIterator[Peer]:
+    """``client`` as a syncing verifier (bot_toolkit on it, its data in ``data_dir``) whose
+    verification messages all go out Olm-encrypted. The client stays open on exit."""
+    transport = EncryptingTransport(client)
+    toolkit = BotToolkit(
+        client,
+        data_dir,
+        verification=policy,
+        key_sharing=None,
+        settings=Settings(handler_timeout=60.0, drain_timeout=5.0, flush_deadline=5.0),
+        transport=transport,
+        close_client=False,
+    )
+    seen: list[ToDeviceEvent] = []
+    lifecycle: list[object] = []
 
+    @toolkit.on(ToDeviceEvent)
     async def record(event: ToDeviceEvent) -> None:
-        peer.seen.append(event)
+        seen.append(event)
 
     async def record_lifecycle(event: object) -> None:
-        peer.lifecycle.append(event)
+        lifecycle.append(event)
 
-    dispatcher.register(ToDeviceEvent, record)
     for cls in (VerificationDone, VerificationCancelled):
-        dispatcher.register(cls, record_lifecycle)
-    await dispatcher.start()
-    await manager.start()
-    try:
+        toolkit.on(cls)(record_lifecycle)
+    async with toolkit:
+        peer = Peer(client, toolkit.verification, transport, seen, lifecycle)
         async with syncing(client):
             yield peer
-    finally:
-        await manager.close()
-        await dispatcher.close(5.0)
-        plugin.detach()
 
 
 def record_verification(bot: Bot) -> list[ToDeviceEvent]:
@@ -189,7 +186,7 @@ async def test_encrypted_verification_from_peer_completes(
         bot_seen = record_verification(bot)
         await know_each_other(bot.client, peer_client)
         peer_policy = VerificationPolicy(allowed_users=[bot.user_id], confirm=auto_confirm())
-        async with running_peer(peer_client, peer_policy) as peer:
+        async with running_peer(peer_client, peer_policy, tmp_path / "peer") as peer:
             txn = await peer.manager.request_verification(bot.user_id, bot.device_id)
             try:
                 outcome = await peer.manager.wait_finished(txn, T)
@@ -215,11 +212,11 @@ async def test_encrypted_verification_from_peer_completes(
             assert peer_client.device_store[bot.user_id][bot.device_id].verified
 
             # Every peer message went out encrypted, to the bot's device only ...
-            sent_types = [s.event_type for s in peer.outbox.sent]
+            sent_types = [s.event_type for s in peer.transport.sent]
             assert {"m.key.verification.request", KEY, "m.key.verification.mac"} <= set(
                 sent_types
             ), sent_types
-            assert {(s.user_id, s.device_id) for s in peer.outbox.sent} == {
+            assert {(s.user_id, s.device_id) for s in peer.transport.sent} == {
                 (bot.user_id, bot.device_id)
             }
             # ... and the bot handled each of them as a decrypted payload from the peer.
@@ -241,7 +238,7 @@ async def test_encrypted_key_for_unknown_transaction_is_refused_like_plaintext(
         await know_each_other(bot.client, peer_client)
         # The peer only listens: its dispatcher records what the bot sends it.
         peer_policy = VerificationPolicy(allowed_users=[bot.user_id], confirm=auto_confirm())
-        async with running_peer(peer_client, peer_policy) as peer:
+        async with running_peer(peer_client, peer_policy, tmp_path / "peer") as peer:
             to = (bot.user_id, bot.device_id)
             key = "hBRVUNwOgxPcrZNPJ5aPtjgOIOKrWnvYDTrvwCSjE2Y"  # any 32 bytes, unpadded base64
             await send_olm(peer_client, *to, KEY, {"transaction_id": "enc-unknown", "key": key})

@@ -18,28 +18,23 @@ from typing import Any
 import pytest
 
 from bot_toolkit._types import DeviceId, UserId
-from bot_toolkit.dispatcher import Dispatcher
-from bot_toolkit.metrics import Metrics
 from bot_toolkit.store import Store
 from bot_toolkit.verification import (
     SasReady,
     State,
     VerificationCancelled,
     VerificationDone,
-    VerificationManager,
     VerificationPolicy,
-    VerificationRequested,
 )
 from bot_toolkit.verification.rooms import REQUEST_MSGTYPE, parse_room_event, room_content
 from bot_toolkit.verification.sas import SasSession
 from bot_toolkit.verification.table import Party
 from tests.fakes import FakeClock
 from tests.verification_helpers import (
-    FakeKeys,
-    FakeOutbox,
     Side,
-    auto_confirm,
+    close_sides,
     eventually,
+    make_side,
     settle,
 )
 
@@ -107,42 +102,15 @@ async def room_side(
     policy: VerificationPolicy | None = None,
     store: Store | None = None,
 ) -> Side:
-    metrics = Metrics()
-    dispatcher = Dispatcher(metrics, handler_timeout=30.0)
-    keys = FakeKeys(f"@{name}:test", f"{name.upper()}DEV", f"ed25519-of-{name}")
-    keys.known[(PEER, PEER_DEV)] = PEER_ED
-    keys.masters[PEER] = PUBLISHED_MASTER
-    outbox = FakeOutbox(keys.user_id)
-    policy = policy or VerificationPolicy(allowed_users=["@*:test"], confirm=auto_confirm())
-    manager = VerificationManager(
-        None,
-        dispatcher,
-        outbox,
-        policy,
-        metrics,
-        clock,
-        key_source=keys,
-        tick=0,
-        rooms=FakeRoomSender(room, keys.user_id),
-        store=store,
-    )
-    side = Side(name, keys, outbox, dispatcher, manager, metrics)
-
-    async def record(event: object) -> None:
-        side.lifecycle.append(event)
-
-    for cls in (VerificationRequested, SasReady, VerificationDone, VerificationCancelled):
-        dispatcher.register(cls, record)
-    await dispatcher.start()
-    await manager.start()
+    """A side (:func:`tests.verification_helpers.make_side`) that sends its in-room events to
+    ``room`` and knows the peer's device and published master key."""
+    rooms = FakeRoomSender(room, f"@{name}:test")
+    side = await make_side(name, clock, policy=policy, store=store, rooms=rooms, start=False)
+    side.keys.known[(PEER, PEER_DEV)] = PEER_ED
+    side.keys.masters[PEER] = PUBLISHED_MASTER
+    await side.manager.start()
     room.members.append(side)
     return side
-
-
-async def close(*sides: Side) -> None:
-    for side in sides:
-        await side.manager.close()
-        await side.dispatcher.close(5.0)
 
 
 @pytest.fixture
@@ -161,7 +129,7 @@ async def bot(room: FakeRoom, clock: FakeClock) -> AsyncIterator[Side]:
     try:
         yield side
     finally:
-        await close(side)
+        await close_sides(side)
 
 
 def _request(to: str = "@bot:test", device: str = PEER_DEV) -> dict[str, Any]:
@@ -252,7 +220,7 @@ async def test_two_managers_verify_in_a_room(room: FakeRoom, clock: FakeClock) -
         assert alice.outbox.sent == [] and bob.outbox.sent == []
         assert (bob.user_id, bob.device_id) in alice.keys.verified
     finally:
-        await close(alice, bob)
+        await close_sides(alice, bob)
 
 
 async def test_in_room_flows_listed_with_their_room(room: FakeRoom, clock: FakeClock) -> None:
@@ -267,7 +235,7 @@ async def test_in_room_flows_listed_with_their_room(room: FakeRoom, clock: FakeC
         assert await operator.manager.confirm(flow)
         await eventually(lambda: len(room.by(operator.user_id, "mac")) == 1)
     finally:
-        await close(operator)
+        await close_sides(operator)
 
 
 # ------------------------------------------------------------------------------ master keys
@@ -402,7 +370,7 @@ async def test_prompt_lapses_two_minutes_after_receipt(room: FakeRoom, clock: Fa
         assert side.manager.state_of(flow) is State.CANCELLED
         assert _silent(room, side, 0)  # dismissed, not cancelled in the room
     finally:
-        await close(side)
+        await close_sides(side)
 
 
 async def test_another_device_of_ours_answering_dismisses_the_request(
@@ -422,7 +390,7 @@ async def test_another_device_of_ours_answering_dismisses_the_request(
         await settle_bot(side)
         assert _silent(room, side, before)
     finally:
-        await close(side)
+        await close_sides(side)
 
 
 async def test_peer_cancel_is_never_answered(room: FakeRoom, bot: Side) -> None:
@@ -466,7 +434,7 @@ async def test_flow_left_by_a_restart_is_cancelled_in_its_room(
         first = await room_side("bot", room, clock, store=store)
         flow = room.post(PEER, "m.room.message", _request())
         await eventually(lambda: first.manager.state_of(flow) is State.READY)
-        await close(first)
+        await close_sides(first)
         room.members.clear()
         before = len(room.events)
         second = await room_side("bot", room, clock, store=store)
@@ -477,10 +445,10 @@ async def test_flow_left_by_a_restart_is_cancelled_in_its_room(
             assert cancels[0]["content"]["m.relates_to"]["event_id"] == flow
             assert room.events.index(cancels[0]) >= before
         finally:
-            await close(second)
+            await close_sides(second)
         # Once is enough: a further restart sends nothing.
         third = await room_side("bot", room, clock, store=store)
-        await close(third)
+        await close_sides(third)
         assert len(room.by(second.user_id, "cancel")) == 1
     finally:
         await store.close()
@@ -499,7 +467,7 @@ async def test_request_from_a_user_not_allowed_is_refused_in_the_room(
         assert cancel["code"] == "m.user" and cancel["m.relates_to"]["event_id"] == flow
         assert side.manager.state_of(flow) is None
     finally:
-        await close(side)
+        await close_sides(side)
 
 
 async def test_second_device_answering_our_request_is_ignored(room: FakeRoom, bot: Side) -> None:

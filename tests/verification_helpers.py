@@ -34,6 +34,7 @@ from bot_toolkit.verification import (
     VerificationPolicy,
     VerificationRequested,
 )
+from bot_toolkit.verification.rooms import RoomSender
 from bot_toolkit.withheld import SharingPolicy
 from tests.fakes import FakeClock
 
@@ -169,7 +170,10 @@ async def make_side(
     user_id: str | None = None,
     device_id: str | None = None,
     start: bool = True,
+    rooms: RoomSender | None = None,
 ) -> Side:
+    """One side: a verification manager over fake keys and a :class:`FakeOutbox` (``rooms``:
+    its in-room sender), with its dispatcher started and every lifecycle event recorded."""
     metrics = Metrics()
     dispatcher = Dispatcher(metrics, handler_timeout=30.0)
     keys = FakeKeys(
@@ -178,7 +182,16 @@ async def make_side(
     outbox = FakeOutbox(keys.user_id)
     policy = policy or VerificationPolicy(allowed_users=["@*:test"], confirm=auto_confirm())
     manager = VerificationManager(
-        None, dispatcher, outbox, policy, metrics, clock, store=store, key_source=keys, tick=0
+        None,
+        dispatcher,
+        outbox,
+        policy,
+        metrics,
+        clock,
+        store=store,
+        key_source=keys,
+        tick=0,
+        rooms=rooms,
     )
     side = Side(name, keys, outbox, dispatcher, manager, metrics)
 
