@@ -229,12 +229,23 @@ class TcpForwarder:
         self._writers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Tracked at once, so a stop() while the upstream connection is being opened closes it;
+        # the server it came from tells whether stop() ran meanwhile (then nothing is forwarded:
+        # a connection accepted just before the homeserver "went down" must not outlive it).
+        server = self._server
+        self._writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
+            self._writers.discard(writer)
             return
-        self._writers.update((writer, up_writer))
+        if server is None or self._server is not server:
+            writer.close()
+            up_writer.close()
+            self._writers.discard(writer)
+            return
+        self._writers.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
