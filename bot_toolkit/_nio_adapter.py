@@ -123,8 +123,9 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         ("to_device_event",),
         "patch",
         "every wire to-device event: nio parses request/ready/done/withheld as unknown "
-        "(matrix-nio#430) and lets vodozemac's DecodeException for a malformed Olm body end "
-        f"sync_forever ({_NO_ISSUE})",
+        "(matrix-nio#430: no event class for m.key.verification.request/ready) and lets "
+        "vodozemac's DecodeException for a malformed Olm body end sync_forever "
+        f"({_NO_ISSUE})",
         defect=True,
     ),
     NioName(
@@ -164,8 +165,9 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         "function",
         ("sender", "sender_key", "payload"),
         "patch",
-        "decrypted payloads other than room keys and m.dummy are dropped by nio 0.26 "
-        "(matrix-nio#567: encrypted verification events never arrive)",
+        "decrypted payloads other than room keys and m.dummy are dropped by nio 0.26, so an "
+        "Olm-encrypted verification request never reaches a callback (the symptom of "
+        "matrix-nio#567: m.key.verification.request not delivered in 0.26.0)",
         defect=True,
     ),
     NioName(
@@ -174,8 +176,9 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         "function",
         ("event",),
         "patch",
-        "nio's built-in legacy SAS answers start/key events itself (wrong commitment encoding, "
-        "matrix-nio#570); switched off when bot_toolkit verifies",
+        "nio's built-in legacy SAS answers start/key events itself (matrix-nio#570: commitment "
+        "sent as hex, not unpadded base64; PR matrix-nio#573: v2 MAC under the legacy name); "
+        "switched off when bot_toolkit verifies",
         defect=True,
     ),
     NioName(
@@ -226,9 +229,9 @@ CONTRACT: Final[tuple[NioName, ...]] = (
         ("room_id", "ignore_unverified_devices"),
         "patch",
         "replaced by share_room_key: nio sends the room keys itself, ignores failed answers "
-        "(a 429 raises TypeError in its gather, a non-JSON 502 reads as success) and marks the "
-        "session shared anyway; withheld notices after each round, which nio never sends "
-        f"({_NO_ISSUE})",
+        "(a 429 raises TypeError in its gather, a non-JSON 502 reads as success: the HTTP "
+        "status goes unchecked, matrix-nio#470) and marks the session shared anyway; withheld "
+        f"notices after each round, which nio never sends ({_NO_ISSUE})",
         defect=True,
     ),
     NioName(
