@@ -1,6 +1,6 @@
 """The spec's checks on a decrypted Olm payload ("Validation of incoming decrypted events").
 
-Used by :mod:`bot_toolkit.nio_plugin` inside nio's ``_verify_olm_payload`` hook: a payload that
+Used by :mod:`bot_toolkit._olm_payloads` inside nio's ``_verify_olm_payload`` hook: a payload that
 fails is discarded before nio or the dispatcher sees it. Each check returns the name of the
 failed rule (a metric label and a log line) or ``None``; nothing here raises for bad input.
 

@@ -77,29 +77,29 @@ nio's parser drops a to-device event with an empty ``content`` (or an ``m.room.e
 with an algorithm other than Olm) and leaves ``None`` in its place; the plugin then takes the
 raw event from the HTTP body nio read (``response.transport_response``), or counts it as lost
 (reason ``unparsed``) when that is not possible.
+
+This module wires the parts, each in its own private module: :mod:`bot_toolkit._to_device_guard`
+(events nio's parser dropped, events kept from nio, nio's empty entries),
+:mod:`bot_toolkit._olm_payloads` (payload validation and the Olm envelope),
+:mod:`bot_toolkit._to_device_decoder` (decoding and its listeners),
+:mod:`bot_toolkit._to_device_handover` (the batch and its hand-over to the dispatcher) and
+:mod:`bot_toolkit._key_query_guard`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import copy
-import json
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 from nio import AsyncClient
-from nio.exceptions import VerificationError
 
 from bot_toolkit import log_guard  # noqa: F401 - SQL parameters never reach a log
-from bot_toolkit._decode_report import DecodeErrorReporter
 from bot_toolkit._inbound_link import InboundLink
-from bot_toolkit._json_depth import exceeds_depth
 from bot_toolkit._key_query_guard import KEY_QUERY_WAIT, KeyQueryGuard
-from bot_toolkit._nio_adapter import NioHooks, drop_empty_entries, ensure_supported
+from bot_toolkit._nio_adapter import NioHooks, ensure_supported
 from bot_toolkit._nio_identity import (
     DeviceKeys,
     EncryptionNotReady,
@@ -107,12 +107,15 @@ from bot_toolkit._nio_identity import (
     device_keys,
     our_identity,
 )
-from bot_toolkit._olm_checks import curve25519_problem, payload_problem
-from bot_toolkit.dispatcher import Dispatcher, DispatcherClosed
-from bot_toolkit.events import DecodeError, ToDeviceEvent, decode
+from bot_toolkit._olm_payloads import Envelope, OlmPayloadHooks, envelope_of
+from bot_toolkit._to_device_decoder import DecodedListener, DecodeErrorListener, ToDeviceDecoder
+from bot_toolkit._to_device_guard import ToDeviceGuard
+from bot_toolkit._to_device_handover import Handover
+from bot_toolkit.dispatcher import Dispatcher
+from bot_toolkit.events import ToDeviceEvent
 from bot_toolkit.inbound_queue import InboundQueue
 from bot_toolkit.metrics import Metrics
-from bot_toolkit.undecodable import UndecodableEvent, undecodable_from
+from bot_toolkit.undecodable import UndecodableEvent
 
 __all__ = [
     "KEY_QUERY_WAIT",
@@ -129,22 +132,8 @@ __all__ = [
 
 logger = logging.getLogger("bot_toolkit.nio_plugin")
 
-_OLM_ALGORITHM: Final = "m.olm.v1.curve25519-aes-sha2"
-_MAX_LOGGED_DECODE_ERRORS: Final = 256
-"""Distinct (event type, path, reason) decode errors logged; later new ones are only counted."""
-
 _MARK: Final = "_bot_toolkit_plugin"
 """Attribute on our client wrapper naming its plugin (finds a plugin already attached)."""
-
-
-DecodeErrorListener = Callable[[Mapping[str, Any], DecodeError, "str | None"], None]
-"""``listener(raw, error, decrypted_from)``: a to-device event failed to decode. ``raw`` is the
-event as received (for a decrypted payload: ``type``, ``sender`` and a copy of ``content``);
-``decrypted_from`` is the Olm sender key of a decrypted payload, else ``None``. Do not modify
-``raw``; copy what you keep."""
-
-DecodedListener = Callable[[ToDeviceEvent, Mapping[str, Any]], None]
-"""``listener(event, raw)``: ``event`` was decoded from ``raw`` (same conventions as above)."""
 
 
 def attach(
@@ -194,16 +183,6 @@ def attach(
     )
 
 
-@dataclass(slots=True)
-class _Envelope:
-    """What happened to one Olm ``m.room.encrypted`` event while nio handled it."""
-
-    sender_key: str | None
-    validated: object = None  # the payload our validation let through
-    decrypted: bool = False  # a trusted payload came out (dispatched or counted as malformed)
-    rejected: bool = False
-
-
 class NioPlugin:
     """The hooks of one client; made by :func:`attach`. Call :meth:`detach` to remove them."""
 
@@ -221,57 +200,41 @@ class NioPlugin:
         self.client = client
         self.dispatcher = dispatcher
         self.intercept_verification = intercept_verification
-        self.backpressure_timeout = backpressure_timeout
-        self.dispatch_undecodable = dispatch_undecodable
-        """Whether an :class:`UndecodableEvent` is dispatched for each event failing to decode."""
-        self.trusted_own_devices = frozenset(trusted_own_devices)
-        """Own devices whose key requests reach nio (see :func:`attach`)."""
-        self._error_listeners: list[DecodeErrorListener] = []
-        self._decoded_listeners: list[DecodedListener] = []
         self.metrics = metrics or getattr(dispatcher, "metrics", None) or Metrics()
         m = self.metrics
-        self._m_events = m.counter(
-            "nio_to_device_total",
-            "To-device events the nio plugin handed to the dispatcher",
-            ["source"],  # plaintext, decrypted, undecrypted, undecodable
+        self._attached = True
+        self._inbound: InboundLink | None = None
+        self._handover = Handover(
+            dispatcher,
+            m,
+            backpressure_timeout=backpressure_timeout,
+            inbound=lambda: self._inbound,
+            on_error=self._error,
         )
-        self._m_dropped = m.counter(
-            "nio_to_device_dropped_total",
-            "To-device events the nio plugin could not hand over",
-            ["reason"],  # queue_full, closed, unparsed, error
+        self._decoder = ToDeviceDecoder(
+            m, dispatch_undecodable=dispatch_undecodable, on_error=self._error
         )
-        self._m_decode = m.counter(
-            "nio_decode_errors_total", "To-device events that failed to decode", ["event_type"]
-        )
-        self._m_rejected = m.counter(
-            "nio_olm_rejected_total", "Decrypted Olm payloads that failed validation", ["reason"]
+        self._payloads = OlmPayloadHooks(
+            m,
+            attached=lambda: self._attached,
+            on_error=self._error,
+            decode=self._decoder.decode,
+            emit=self._handover.emit,
         )
         self._m_errors = m.counter(
             "nio_plugin_errors_total", "Unexpected errors caught inside the nio hooks", ["where"]
         )
-        self._m_kept = m.counter(
-            "nio_kept_from_nio_total",
-            "To-device events handled without nio (reason: key_request, invalid_sender_key)",
-            ["reason"],
+        self._guard = ToDeviceGuard(
+            client, m, trusted_own_devices=trusted_own_devices, on_error=self._error
         )
         self._m_intercepted = m.counter(
             "nio_verification_intercepted_total",
             "Verification events kept from nio's built-in SAS",
             ["event_type"],
         )
-        self._attached = True
         self._hooks = NioHooks()
         self._olm: Any = None
-        self._batch: list[ToDeviceEvent] | None = None
         self._unparsed: deque[object] = deque()
-        self._envelope: _Envelope | None = None
-        self._received: list[tuple[int, Mapping[str, Any] | None, str | None]] = []
-        """Per event of the batch being handled: wire position, raw form, Olm sender key."""
-        self._wire_index = -1
-        self._inbound: InboundLink | None = None
-        self._decode_report = DecodeErrorReporter(
-            self._m_decode, logger, limit=_MAX_LOGGED_DECODE_ERRORS
-        )
         self._key_queries = KeyQueryGuard(
             client,
             m,
@@ -292,6 +255,26 @@ class NioPlugin:
     def attached(self) -> bool:
         """Whether the hooks are active."""
         return self._attached
+
+    @property
+    def dispatch_undecodable(self) -> bool:
+        """Whether an :class:`UndecodableEvent` is dispatched for each event failing to decode
+        (settable)."""
+        return self._decoder.dispatch_undecodable
+
+    @dispatch_undecodable.setter
+    def dispatch_undecodable(self, value: bool) -> None:
+        self._decoder.dispatch_undecodable = value
+
+    @property
+    def backpressure_timeout(self) -> float:
+        """The longest one sync waits for room in a full dispatcher (see :func:`attach`)."""
+        return self._handover.backpressure_timeout
+
+    @property
+    def trusted_own_devices(self) -> frozenset[str]:
+        """Own devices whose key requests reach nio (see :func:`attach`)."""
+        return self._guard.trusted_own_devices
 
     def detach(self) -> None:
         """Remove the hooks (idempotent); nio behaves as before :func:`attach` again."""
@@ -341,14 +324,21 @@ class NioPlugin:
         listener is logged and counted (``nio_plugin_errors_total{where="listener"}``), nothing
         more. Returns a function that removes the listener.
         """
-        return _subscribe(self._error_listeners, listener)
+        return self._decoder.add_error_listener(listener)
 
     def add_decoded_listener(self, listener: DecodedListener) -> Callable[[], None]:
         """Call ``listener(event, raw)`` for each event decoded, before it is dispatched.
 
         Same guarantees as :meth:`add_decode_error_listener`. Returns a remover.
         """
-        return _subscribe(self._decoded_listeners, listener)
+        return self._decoder.add_decoded_listener(listener)
+
+    def decode_stored(
+        self, raw: dict[str, Any], decrypted_from: str | None
+    ) -> ToDeviceEvent | None:
+        """Decode an event stored by the inbound queue as a received one is decoded (listeners
+        included); ``None`` when nothing is dispatched for it."""
+        return self._decoder.decode(raw, decrypted_from)
 
     # ----------------------------------------------------------------- hooking
 
@@ -367,8 +357,11 @@ class NioPlugin:
         if olm is None or olm is self._olm:
             return
         self._olm = olm
-        self._hooks.install(olm, "_verify_olm_payload", lambda orig: self._wrap_verify(olm, orig))
-        self._hooks.install(olm, "_handle_olm_event", lambda orig: self._wrap_payload(olm, orig))
+        payloads = self._payloads
+        self._hooks.install(
+            olm, "_verify_olm_payload", lambda orig: payloads.wrap_verify(olm, orig)
+        )
+        self._hooks.install(olm, "_handle_olm_event", lambda orig: payloads.wrap_payload(olm, orig))
         self._hooks.install(olm, "_handle_key_query", self._key_queries.wrap_handle_key_query)
         if self.intercept_verification:
             self._hooks.install(olm, "handle_key_verification", self._wrap_verification)
@@ -379,21 +372,13 @@ class NioPlugin:
                 await original(response)
                 return
             self._hook_olm()
-            batch: list[ToDeviceEvent] = []
-            unparsed = await self._recover_unparsed(response)
-            outer = self._batch, self._unparsed
-            self._batch, self._unparsed = batch, unparsed
-            self._received, self._wire_index = [], -1
-            try:
-                await original(response)
-            except BaseException:
-                self._batch, self._unparsed = outer
-                self._hand_over_nowait(batch, 0)
-                raise
-            self._batch, self._unparsed = outer
-            if self._inbound is not None:
-                batch = await self._inbound.persist(batch, self._received)
-            await self._hand_over(batch)
+            unparsed = await self._guard.recover_unparsed(response)
+            async with self._handover.batch():
+                outer, self._unparsed = self._unparsed, unparsed
+                try:
+                    await original(response)
+                finally:
+                    self._unparsed = outer
 
         return handle_to_device
 
@@ -402,20 +387,20 @@ class NioPlugin:
             if not self._attached:
                 return original(event)
             self._hook_olm()
-            self._wire_index += 1
+            self._handover.next_wire_event()
             raw = getattr(event, "source", None)
             if event is None and self._unparsed:
                 raw = self._unparsed.popleft()
             envelope = None
             try:
-                envelope = _envelope_of(raw)
+                envelope = envelope_of(raw)
             except Exception:
                 self._error("envelope")
-            kept = self._kept_from_nio(raw, envelope)
-            outer, self._envelope = self._envelope, envelope
+            kept = self._guard.keep_from_nio(raw, envelope)
+            payloads = self._payloads
+            outer, payloads.envelope = payloads.envelope, envelope
             try:
-                if kept is not None:
-                    self._m_kept.inc(kept)
+                if kept:
                     if envelope is not None:
                         envelope.rejected = True
                     return None
@@ -433,109 +418,12 @@ class NioPlugin:
                 )
                 return None
             finally:
-                self._envelope = outer
-                self._drop_empty_entries(raw, envelope)
+                payloads.envelope = outer
+                self._guard.drop_empty_entries(raw, envelope)
                 self._after_event(raw, envelope)
 
         setattr(handle_decrypt_to_device, _MARK, self)
         return handle_decrypt_to_device
-
-    def _kept_from_nio(self, raw: object, envelope: _Envelope | None) -> str | None:
-        """Why nio must not see this wire event (it is still dispatched), or ``None``.
-
-        * An Olm envelope whose ``sender_key`` is not a Curve25519 key: nio would index its
-          session store with it (a new empty entry per key) before failing.
-        * A room-key request (or cancellation) from anyone but a trusted own device: nio
-          forwards keys to verified devices of our own user, and keeps a cancellation's
-          ``(sender, requesting_device_id)`` in a ``defaultdict`` for good. Our key-sharing
-          handlers answer these requests from the dispatcher.
-        """
-        if envelope is not None and curve25519_problem(envelope.sender_key) is not None:
-            return "invalid_sender_key"
-        if isinstance(raw, dict) and raw.get("type") == "m.room_key_request":
-            content = raw.get("content")
-            device = content.get("requesting_device_id") if isinstance(content, dict) else None
-            if raw.get("sender") != self.client.user_id or device not in self.trusted_own_devices:
-                return "key_request"
-        return None
-
-    def _drop_empty_entries(self, raw: object, envelope: _Envelope | None) -> None:
-        """Remove the empty entries nio's ``defaultdict`` look-ups left for this event's keys.
-
-        nio 0.26 indexes its device store by sender, its Olm session store by sender key and
-        its waiting key requests by (sender, device) while handling an event, which inserts an
-        empty entry for every new key a peer chooses. Empty entries carry no state, so
-        removing them changes nothing but memory.
-        """
-        olm = self.client.olm
-        if olm is None or not isinstance(raw, dict):
-            return
-        try:
-            content = raw.get("content")
-            device = content.get("requesting_device_id") if isinstance(content, dict) else None
-            sender_key = envelope.sender_key if envelope is not None else None
-            drop_empty_entries(olm, raw.get("sender"), sender_key, device)
-        except Exception:
-            self._error("drop_empty_entries")
-
-    def _wrap_verify(
-        self, olm: Any, original: Callable[[str, Any], Any]
-    ) -> Callable[[str, Any], Any]:
-        def verify_olm_payload(sender: str, payload: Any) -> Any:
-            if not self._attached:
-                return original(sender, payload)
-            envelope = self._envelope
-            reason = self._check(olm, sender, envelope.sender_key if envelope else None, payload)
-            if reason is not None:
-                self._reject(sender, reason)
-                raise VerificationError(f"Olm payload rejected: {reason}")
-            try:
-                result = original(sender, payload)
-            except VerificationError:
-                self._reject(sender, "nio")
-                raise
-            if envelope is not None:
-                envelope.validated = payload
-            return result
-
-        return verify_olm_payload
-
-    def _wrap_payload(
-        self, olm: Any, original: Callable[[str, str, Any], Any]
-    ) -> Callable[[str, str, Any], Any]:
-        def handle_olm_event(sender: str, sender_key: str, payload: Any) -> Any:
-            if not self._attached:
-                return original(sender, sender_key, payload)
-            envelope = self._envelope
-            if envelope is None or envelope.validated is not payload:
-                # Not seen by our validation (nio changed its call order?): check here.
-                reason = self._check(olm, sender, sender_key, payload)
-                if reason is not None:
-                    self._reject(sender, reason)
-                    return None
-            if envelope is not None:
-                envelope.decrypted = True
-            event = None
-            raw: dict[str, Any] | None = None
-            try:
-                # Decoded before nio runs: nio mutates some payloads (forwarded key chains).
-                content = payload.get("content")
-                raw = {
-                    "type": payload.get("type"),
-                    "sender": sender,
-                    # Too deep to copy: decode() refuses it before anything recurses into it.
-                    "content": content if exceeds_depth(content) else copy.deepcopy(content),
-                }
-                event = self._decode(raw, sender_key)
-            except Exception:
-                self._error("decode_payload")
-            try:
-                return original(sender, sender_key, payload)
-            finally:
-                if event is not None:
-                    self._emit(event, "decrypted", raw, sender_key)
-
-        return handle_olm_event
 
     def _wrap_verification(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         def handle_key_verification(event: Any) -> None:
@@ -551,43 +439,20 @@ class NioPlugin:
 
         return handle_key_verification
 
-    async def _recover_unparsed(self, response: Any) -> deque[object]:
-        """The raw events nio's parser replaced by ``None``, from the HTTP body it read.
-
-        nio drops a to-device event with an empty ``content`` (or an ``m.room.encrypted`` one
-        with an unknown algorithm) while parsing, leaving ``None`` at its position. The body is
-        re-read (aiohttp keeps it) only when that happened.
-        """
-        try:
-            parsed = response.to_device_events
-            missing = [i for i, event in enumerate(parsed) if event is None]
-            if not missing:
-                return deque()
-            transport = getattr(response, "transport_response", None)
-            if transport is not None:
-                body = json.loads(await transport.read())
-                raws = body.get("to_device", {}).get("events", [])
-                if isinstance(raws, list) and len(raws) == len(parsed):
-                    return deque(raws[i] for i in missing)
-            logger.warning("cannot find the raw form of %d unparsed to-device events", len(missing))
-        except Exception:
-            self._error("recover_unparsed")
-        return deque()
-
     # ----------------------------------------------------------------- per event
 
-    def _after_event(self, raw: object, envelope: _Envelope | None) -> None:
+    def _after_event(self, raw: object, envelope: Envelope | None) -> None:
         """After nio handled one wire event: dispatch it unless its payload went instead."""
         try:
             if not isinstance(raw, dict):
-                self._m_dropped.inc("unparsed")
+                self._handover.dropped.inc("unparsed")
                 logger.warning("nio could not parse a to-device event and it has no raw form")
                 return
             if envelope is not None and envelope.decrypted:
                 return
-            event = self._decode(raw, None)
+            event = self._decoder.decode(raw, None)
             if event is not None:
-                self._emit(event, "plaintext" if envelope is None else "undecrypted", raw)
+                self._handover.emit(event, "plaintext" if envelope is None else "undecrypted", raw)
                 if (
                     envelope is not None
                     and not envelope.rejected
@@ -601,137 +466,7 @@ class NioPlugin:
         except Exception:
             self._error("after_event")
 
-    def _check(self, olm: Any, sender: str, sender_key: str | None, payload: Any) -> str | None:
-        """Why a decrypted payload must be discarded, or ``None``. Never raises."""
-        try:
-            return payload_problem(olm, sender, sender_key, payload)
-        except Exception:
-            self._error("validate")
-            return "validation error"
-
-    def _reject(self, sender: str, reason: str) -> None:
-        self._m_rejected.inc(reason)
-        if self._envelope is not None:
-            self._envelope.rejected = True
-        logger.warning("discarded a decrypted Olm payload from %s: %s", sender, reason)
-
-    def decode_stored(
-        self, raw: dict[str, Any], decrypted_from: str | None
-    ) -> ToDeviceEvent | None:
-        """Decode an event stored by the inbound queue as a received one is decoded (listeners
-        included); ``None`` when nothing is dispatched for it."""
-        return self._decode(raw, decrypted_from)
-
-    def _decode(self, raw: dict[str, Any], decrypted_from: str | None) -> ToDeviceEvent | None:
-        """The typed event (or its :class:`UndecodableEvent`); ``None`` when none is dispatched."""
-        try:
-            event = decode(raw, decrypted_from=decrypted_from)
-        except DecodeError as exc:
-            self._decode_failed(raw, exc)
-            for error_listener in tuple(self._error_listeners):
-                try:
-                    error_listener(raw, exc, decrypted_from)
-                except Exception:
-                    self._error("listener")
-            if not self.dispatch_undecodable:
-                return None
-            return undecodable_from(raw, exc, decrypted_from)
-        for listener in tuple(self._decoded_listeners):
-            try:
-                listener(event, raw)
-            except Exception:
-                self._error("listener")
-        return event
-
-    def _decode_failed(self, raw: dict[str, Any], exc: DecodeError) -> None:
-        """Count and (once per distinct error) log a decode failure."""
-        self._decode_report.report(exc, raw.get("sender"))
-
-    def _emit(
-        self,
-        event: ToDeviceEvent,
-        source: str,
-        raw: Mapping[str, Any] | None = None,
-        decrypted_from: str | None = None,
-    ) -> None:
-        if isinstance(event, UndecodableEvent):
-            source = "undecodable"
-        self._m_events.inc(source)
-        if self._batch is not None:
-            self._batch.append(event)
-            self._received.append((self._wire_index, raw, decrypted_from))
-        else:  # outside a sync's to-device section (nio called its hooks from elsewhere)
-            self._hand_over_nowait([event], 0)
-
-    # ----------------------------------------------------------------- handoff
-
-    async def _hand_over(self, batch: list[ToDeviceEvent]) -> None:
-        """``await put`` each event, waiting at most ``backpressure_timeout`` in all."""
-        if not batch:
-            return
-        done = 0
-        try:
-            async with asyncio.timeout(self.backpressure_timeout):
-                for event in batch:
-                    await self.dispatcher.put(event)
-                    done += 1
-        except TimeoutError:
-            logger.warning(
-                "dispatcher still full after %.1fs; %d to-device events of this sync left",
-                self.backpressure_timeout,
-                len(batch) - done,
-            )
-        except DispatcherClosed:
-            self._drop(len(batch) - done, "closed")
-            return
-        except Exception:
-            self._error("put")
-        self._hand_over_nowait(batch, done)
-
-    def _hand_over_nowait(self, batch: list[ToDeviceEvent], start: int) -> None:
-        lost: dict[str, int] = {}
-        for event in batch[start:]:
-            try:
-                if self.dispatcher.put_nowait(event):
-                    continue
-                reason = "queue_full"
-            except DispatcherClosed:
-                reason = "closed"
-            except Exception:
-                self._error("put_nowait")
-                reason = "error"
-            lost[reason] = lost.get(reason, 0) + 1
-        for reason, count in lost.items():
-            self._drop(count, reason)
-
-    def _drop(self, count: int, reason: str) -> None:
-        if count <= 0:
-            return
-        self._m_dropped.inc(reason, amount=count)
-        logger.warning("dropped %d to-device events (%s)", count, reason)
-
     def _error(self, where: str) -> None:
         self._m_errors.inc(where)
         with contextlib.suppress(Exception):
             logger.exception("bot_toolkit nio plugin failed in %s; nio carries on", where)
-
-
-def _subscribe(listeners: list[Any], listener: Any) -> Callable[[], None]:
-    listeners.append(listener)
-
-    def remove() -> None:
-        with contextlib.suppress(ValueError):
-            listeners.remove(listener)
-
-    return remove
-
-
-def _envelope_of(raw: object) -> _Envelope | None:
-    """An :class:`_Envelope` when ``raw`` is an Olm ``m.room.encrypted`` event."""
-    if not isinstance(raw, dict) or raw.get("type") != "m.room.encrypted":
-        return None
-    content = raw.get("content")
-    if not isinstance(content, dict) or content.get("algorithm") != _OLM_ALGORITHM:
-        return None
-    sender_key = content.get("sender_key")
-    return _Envelope(sender_key if isinstance(sender_key, str) else None)

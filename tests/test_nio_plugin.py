@@ -23,7 +23,7 @@ from nio.crypto.key_request import OutgoingKeyRequest
 from nio.store import SqliteMemoryStore
 from vodozemac import Sas
 
-from bot_toolkit import nio_plugin
+from bot_toolkit import _to_device_decoder
 from bot_toolkit.dispatcher import Dispatcher
 from bot_toolkit.events import (
     DecodeError,
@@ -768,7 +768,7 @@ async def test_our_failures_never_reach_nio(pair: Pair, monkeypatch: pytest.Monk
     def broken_decode(*args: object, **kwargs: object) -> ToDeviceEvent:
         raise RuntimeError("broken decode")
 
-    monkeypatch.setattr(nio_plugin, "decode", broken_decode)
+    monkeypatch.setattr(_to_device_decoder, "decode", broken_decode)
     await feed(pair.bob, [request("t2"), pair.olm("org.example.y", {})])
     errors = dispatcher.metrics.get("nio_plugin_errors_total")
     assert errors is not None
