@@ -416,6 +416,17 @@ class Dispatcher:
         if drained is not None:
             drained.set()
 
+    @property
+    def idle(self) -> bool:
+        """``True`` while nothing is queued and nothing is being handled (what :meth:`join` awaits).
+
+        With several parts that feed each other (a handler's send is another dispatcher's
+        event), a test settles them by awaiting each one's ``join`` in turn until one pass finds
+        every part ``idle`` at the same moment. Like :meth:`join`, it does not look at tasks
+        that handlers started themselves.
+        """
+        return not self._queued and not self._in_flight
+
     async def join(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until nothing is queued and nothing is being handled.
 
@@ -426,7 +437,7 @@ class Dispatcher:
         out); after :meth:`close` the dispatcher is idle (what was not handled was abandoned).
         Handlers' own background work (tasks they started) is not waited for.
         """
-        if not self._queued and not self._in_flight:
+        if self.idle:
             return True
         try:
             async with asyncio.timeout(timeout):

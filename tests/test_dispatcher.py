@@ -53,7 +53,6 @@ class SubTxnEv(TxnEv):
 
 
 async def assert_no_other_tasks() -> None:
-    await asyncio.sleep(0)
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
@@ -73,6 +72,35 @@ def counter_value(d: Dispatcher, name: str, *labels: str) -> float:
 async def wait_for(event: asyncio.Event) -> None:
     async with asyncio.timeout(BOUND):
         await event.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A marker event on a key of its own (see :func:`fence`); no test handler routes it."""
+
+    sender: str = "@fence:x"
+
+
+async def fence(d: Dispatcher) -> None:
+    """Wait (bounded) until every event that was ready to start before this call has started.
+
+    Puts a :class:`Fence` on a key of its own and waits until its handler ran. Workers take keys
+    from one first-in-first-out ready list, and a handler runs up to its first ``await`` in the
+    step that takes its event; so once the fence's handler has run, every event ready before it
+    has reached its handler, and an event still not started waits behind its own key. This is
+    what a negative check ("event 1 has not started") waits on instead of counting loop turns.
+    Use it once per dispatcher (each call registers a handler).
+    """
+    reached = asyncio.Event()
+    marker = Fence()
+
+    async def mark(event: Fence) -> None:
+        if event is marker:
+            reached.set()
+
+    d.register(Fence, mark)
+    await d.put(marker)
+    await wait_for(reached)
 
 
 # ------------------------------------------------------------------------------- registration
@@ -192,8 +220,7 @@ async def test_base_class_handler_receives_subclasses_and_cache_invalidates() ->
     d2 = Dispatcher()
     async with d2:
         await d2.put(TxnEv("@a:x", transaction_id="t"))  # no handler yet: routes to nothing
-        for _ in range(5):
-            await asyncio.sleep(0)
+        assert await d2.join(BOUND)  # handled (by no one) before the handler exists
         d2.register(Ev, on_any)
         await d2.put(TxnEv("@a:x", n=1, transaction_id="t"))
     assert seen == [("any", "TxnEv")]
@@ -400,7 +427,7 @@ async def test_per_key_order_with_proven_concurrency() -> None:
         try:
             if event.n == 0:
                 await barrier.wait()  # releases only with `parallel` keys in handlers at once
-            for _ in range(rng.randrange(6)):
+            for _ in range(rng.randrange(6)):  # sleep-count-ok: shuffles handlers, waits for none
                 await asyncio.sleep(0)
             order[key].append(event.n)
         finally:
@@ -450,8 +477,7 @@ async def test_ordering_key_is_sender_and_transaction() -> None:
             await d.put(TxnEv("@a:x", transaction_id="t2"))
             await d.put(Ev("@b:x", n=0))
             await d.put(Ev("@b:x", n=1))
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await fence(d)
             assert log == ["start0"]  # n=1 waits for n=0 of the same sender
             gate.set()
     assert log == ["start0", "end0", "start1", "end1"]
@@ -479,8 +505,7 @@ async def test_next_event_of_a_key_waits_for_every_handler() -> None:
         await d.put(Ev("@a:x", n=0))
         await d.put(Ev("@a:x", n=1))
         await wait_for(slow_started)
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await fence(d)
         assert log == ["fast0"]  # the sibling ran; event 1 waits for slow0
         gate.set()
     assert log[:2] == ["fast0", "slow0"]
@@ -505,7 +530,7 @@ def test_ordering_property(
 
         @d.on(TxnEv)
         async def handler(event: TxnEv) -> None:
-            for _ in range(event.n % 4):
+            for _ in range(event.n % 4):  # sleep-count-ok: interleaves handlers, waits for none
                 await asyncio.sleep(0)
             seen[int(event.sender)].append(event.n)
 
@@ -620,11 +645,13 @@ async def test_backpressure_bound_holds_across_keys() -> None:
     d = Dispatcher(metrics, concurrency=1, queue_size=3)
     gate = asyncio.Event()
     started = asyncio.Event()
+    first_done = asyncio.Event()
 
     @d.on(Ev)
     async def blocked(event: Ev) -> None:
         started.set()
         await gate.wait()
+        first_done.set()
 
     async with asyncio.timeout(BOUND):
         await d.start()
@@ -637,12 +664,16 @@ async def test_backpressure_bound_holds_across_keys() -> None:
         assert depth.get() == 3
         assert d.put_nowait(Ev("@k9:x")) is False
         assert counter_value(d, "events_dropped_total", "Ev") == 1
-        waiting = asyncio.create_task(d.put(Ev("@k4:x")))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not waiting.done()  # the fifth put waits for room
+
+        async def put_fifth() -> bool:
+            await d.put(Ev("@k4:x"))
+            return first_done.is_set()
+
+        waiting = asyncio.create_task(put_fifth())
         gate.set()  # the first event completes, the worker takes the next one
-        await waiting
+        # The put task runs before the released handler does: had the put not waited for
+        # room, it would have returned before the first event was done.
+        assert await waiting  # the fifth put waited for room
         summary = await d.close()
     assert summary.abandoned == 0
     assert depth.get() == 0
@@ -653,9 +684,14 @@ async def test_cancelled_put_passes_its_wakeup_on() -> None:
     d = Dispatcher(concurrency=1, queue_size=1)
     gate = asyncio.Event()
     handled: list[int] = []
+    putters: list[asyncio.Task[None]] = []
 
     @d.on(Ev)
     async def handler(event: Ev) -> None:
+        if event.n == 0:
+            # The worker has just taken n=0 and woken `first`, which has not run yet:
+            # cancelled now, it holds a wake-up it must pass on to `second`.
+            putters[0].cancel()
         await gate.wait()
         handled.append(event.n)
 
@@ -663,10 +699,10 @@ async def test_cancelled_put_passes_its_wakeup_on() -> None:
         await d.put(Ev("@a:x", n=0))  # not started: queued
         first = asyncio.create_task(d.put(Ev("@a:x", n=1)))
         second = asyncio.create_task(d.put(Ev("@a:x", n=2)))
-        await asyncio.sleep(0)
+        putters.append(first)
+        # Tasks start in the order they were created: `first`, then `second` wait for room
+        # before the worker (created by start) takes n=0.
         await d.start()
-        await asyncio.sleep(0)  # the worker takes n=0 and wakes `first`
-        first.cancel()
         await second  # gets the room `first` gave up
         gate.set()
         await d.close()
@@ -755,8 +791,8 @@ async def test_waiting_put_fails_when_closed() -> None:
 
     await d.put(Ev("@a:x"))  # not started: fills the queue
     waiting = asyncio.create_task(d.put(Ev("@a:x", n=1)))
-    await asyncio.sleep(0)
-    summary = await d.close()
+    closing = asyncio.create_task(d.close())  # starts after `waiting` is waiting for room
+    summary = await closing
     with pytest.raises(DispatcherClosed):
         await waiting
     assert summary == CloseSummary(drained=1, abandoned=0)
@@ -784,6 +820,38 @@ async def test_join_is_true_at_once_when_idle() -> None:
     await assert_no_other_tasks()
 
 
+async def test_idle_is_what_join_waits_for() -> None:
+    """``idle``: nothing queued (started or not) and nothing running; true again once handled,
+    and after a close that abandoned what was left."""
+    d = Dispatcher(handler_timeout=None)
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    @d.on(Ev)
+    async def handler(event: Ev) -> None:
+        started.set()
+        await gate.wait()
+
+    assert d.idle
+    await d.put(Ev("@a:x", n=1))
+    assert not d.idle  # queued, not started: nothing handles it
+    async with d:
+        await wait_for(started)
+        assert not d.idle  # nothing queued, one event in its handler
+        assert await d.join(timeout=0) is False
+        gate.set()
+        assert await d.join(timeout=BOUND)
+        assert d.idle
+        gate.clear()
+        started.clear()
+        await d.put(Ev("@a:x", n=2))
+        await wait_for(started)
+        assert not d.idle
+        summary = await d.close(timeout=0.01)  # the blocked handler is abandoned
+    assert summary.abandoned == 1
+    assert d.idle
+    await assert_no_other_tasks()
+
+
 async def test_join_waits_for_a_slow_handler() -> None:
     d = Dispatcher(handler_timeout=None)
     started, gate = asyncio.Event(), asyncio.Event()
@@ -798,13 +866,16 @@ async def test_join_waits_for_a_slow_handler() -> None:
     async with d:
         await d.put(Ev("@a:x", n=1))
         await wait_for(started)
-        joined = asyncio.create_task(d.join(timeout=BOUND))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not joined.done()  # the handler is still running
+
+        async def join_then_look() -> list[int]:
+            assert await d.join(timeout=BOUND)
+            return list(handled)
+
+        joined = asyncio.create_task(join_then_look())
         gate.set()
-        assert await joined is True
-        assert handled == [1]  # finished before join returned
+        # The join task runs before the released handler does: a join that did not wait for
+        # the running handler would see nothing handled.
+        assert await joined == [1]  # finished before join returned
     await assert_no_other_tasks()
 
 
@@ -828,8 +899,8 @@ async def test_join_waits_for_events_put_while_joining() -> None:
         await d.put(Ev("@a:x", n=0))
         await wait_for(started[0])
         joined = asyncio.create_task(d.join(timeout=BOUND))
-        await asyncio.sleep(0)
-        await d.put(Ev("@b:x", n=1))  # another key, put while joining
+        # another key, put while joining (a task created after `joined` starts after it)
+        await asyncio.create_task(d.put(Ev("@b:x", n=1)))
         gates[0].set()
         await wait_for(started[1])
         assert not joined.done()  # n=0 is done, n=1 is running

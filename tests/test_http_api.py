@@ -485,7 +485,6 @@ async def test_http_server_on_loopback() -> None:
                 assert json.loads(await resp.text())["verifications"][0]["id"] == "x"
     finally:
         await server.stop()
-    await asyncio.sleep(0)
 
 
 async def test_admin_token_from_config_secret() -> None:

@@ -19,15 +19,24 @@ class Gate:
         self.running = 0
         self.most = 0
         self.release = asyncio.Event()
+        self._called = asyncio.Event()
 
     async def __call__(self, user_id: str) -> None:
         self.calls.append(user_id)
+        self._called.set()
         self.running += 1
         self.most = max(self.most, self.running)
         try:
             await self.release.wait()
         finally:
             self.running -= 1
+
+    async def until_calls(self, n: int) -> None:
+        """Wait (bounded) until ``n`` queries have started."""
+        async with asyncio.timeout(10):
+            while len(self.calls) < n:
+                self._called.clear()
+                await self._called.wait()
 
 
 async def test_cap_dedupe_and_negative_cache() -> None:
@@ -36,8 +45,10 @@ async def test_cap_dedupe_and_negative_cache() -> None:
         gate, concurrency=2, timeout=30.0, negative_ttl=60.0, clock=clock, metrics=metrics
     )
     callers = [asyncio.ensure_future(queries.query(f"@u{n % 5}:x")) for n in range(20)]
-    for _ in range(20):  # let every caller and query task run as far as it can
-        await asyncio.sleep(0)
+    # The second query wakes us only after the tasks scheduled before that wake-up ran: every
+    # caller, and the other three users' query tasks, which then wait for a slot (or, with a
+    # broken cap, have started too).
+    await gate.until_calls(2)
     # Five users, one query each in flight, at most two running at once.
     assert queries.in_flight == 5 and gate.most == 2 and len(gate.calls) == 2
     gate.release.set()

@@ -722,13 +722,28 @@ async def test_full_dispatcher_applies_bounded_backpressure(
     await dispatcher.close(timeout=0.1)
 
 
+class _FullDispatcher(OrderedDispatcher):
+    """Sets ``full`` when a ``put`` finds the queue full (and so has to wait for room)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.full = asyncio.Event()
+
+    async def put(self, event: object) -> None:
+        depth = self.metrics.get("dispatcher_queue_depth")
+        if depth is not None and depth.get() >= self.queue_size:
+            self.full.set()
+        await super().put(event)
+
+
 async def test_backpressure_waits_for_room(pair: Pair) -> None:
-    dispatcher = OrderedDispatcher(queue_size=1)
+    dispatcher = _FullDispatcher(queue_size=1)
     recorder = Recorder(dispatcher)
     attach(pair.bob, dispatcher, backpressure_timeout=5)
 
     async def start_later() -> None:
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            await dispatcher.full.wait()  # the sync path waits for room: make some
         await dispatcher.start()
 
     later = asyncio.create_task(start_later())

@@ -735,12 +735,27 @@ async def test_shutdown_deadline_leaves_the_rest_persisted(
     assert [c[1] for c in t2.calls] == txns[3:]
 
 
-async def test_crash_between_accept_and_delete_resends_same_id(tmp_path: Path) -> None:
+async def test_crash_between_accept_and_delete_resends_same_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The homeserver accepted, then the process died before the deletion was committed.
 
     The restart must send the same transaction id again (the homeserver drops it as a repeat).
     """
     store = await Store.open_in(tmp_path)
+    write_failed = asyncio.Event()
+    real_transaction = store.transaction
+
+    @contextlib.asynccontextmanager
+    async def noted_transaction() -> AsyncIterator[Any]:
+        try:
+            async with real_transaction() as conn:
+                yield conn
+        except StoreError:
+            write_failed.set()
+            raise
+
+    monkeypatch.setattr(store, "transaction", noted_transaction)
     t = FakeTransport()
     ob = Outbox(t, store, Metrics())
     await ob.start()
@@ -753,8 +768,10 @@ async def test_crash_between_accept_and_delete_resends_same_id(tmp_path: Path) -
     [txn] = await ob.send("m.dummy", {"@a:x": {"D": {"v": 1}}})
     await store.close()  # "crash": the deletion after the 200 can no longer be written
     gate.set()
-    assert not await ob.flush(0.3)
+    async with asyncio.timeout(10):
+        await write_failed.wait()  # accepted, then its deletion failed
     assert [c[1] for c in t.accepted] == [txn]
+    assert not await ob.flush(0.3)  # the deletion is still owed: never idle
     await ob.close(deadline=0.1)
 
     store2 = await Store.open_in(tmp_path)

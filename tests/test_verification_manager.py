@@ -965,10 +965,22 @@ async def test_transaction_forgotten_while_waiting_for_its_lock(
     assert await a.manager.cancel("gone")
     errors = a.metrics.get("handler_errors_total")
     assert errors is not None
-    async with a.manager._txns.lock("gone"):
-        a.put_raw(b.user_id, "m.key.verification.request", req)  # waits for the lock
-        for _ in range(20):
-            await asyncio.sleep(0)
+    lock = a.manager._txns.lock("gone")
+    async with lock:
+        waiting = asyncio.Event()
+        acquire = lock.acquire
+
+        async def acquire_watched() -> bool:
+            waiting.set()  # the handler asks for the lock we hold
+            return await acquire()
+
+        lock.acquire = acquire_watched  # type: ignore[method-assign]
+        try:
+            a.put_raw(b.user_id, "m.key.verification.request", req)  # waits for the lock
+            async with asyncio.timeout(10):
+                await waiting.wait()
+        finally:
+            del lock.acquire
         clock.advance(601)
         await a.manager.check_timeouts()  # forgets the expired id
         assert a.manager.state_of("gone") is None

@@ -258,16 +258,28 @@ async def eventually(
     assert predicate(), what
 
 
-async def settle(*sides: Side, rounds: int = 5) -> None:
-    """Let the dispatchers drain (bounded): several passes of yielding, each ending only once
-    every side's dispatcher has nothing queued or in flight (so a slow machine cannot make a
-    check run before the work it checks)."""
-    for _ in range(rounds):
-        for _ in range(20):
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.01)
-        for side in sides:
-            assert await side.dispatcher.join(timeout=10.0), "dispatcher still busy after 10s"
+async def settle(*sides: Side, within: float = 10.0) -> None:
+    """Wait (bounded) until nothing is left to run on ``sides``: every dispatcher idle and no
+    manager background task (a confirmation, a trust refresh) running, all at one moment.
+
+    Work moves between parts (a handler's send is an event of another side, a finished task
+    feeds a dispatcher), so this waits for each part in turn and repeats until one pass finds
+    every part idle. What a check after it looks at ("nothing was sent") is then final, however
+    slow the machine. A part that never goes idle fails the test after ``within`` seconds.
+    """
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                tasks = [task for side in sides for task in side.manager._engine.tasks]
+                if not tasks and all(side.dispatcher.idle for side in sides):
+                    return
+                for side in sides:
+                    await side.dispatcher.join()
+                if tasks:
+                    await asyncio.wait(tasks)
+    except TimeoutError:
+        busy = [s.name for s in sides if s.manager._engine.tasks or not s.dispatcher.idle]
+        raise AssertionError(f"still busy after {within}s: {busy}") from None
 
 
 # --------------------------------------------------------------------------------- real bot
