@@ -9,9 +9,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+import aiosqlite
 
 from bot_toolkit._withheld_wire import Clock, PeerDevice, WithheldMetrics
 from bot_toolkit.events import WithheldCode
@@ -52,6 +54,22 @@ _MIGRATIONS: Final[dict[int, list[str]]] = {
         """,
     ],
 }
+
+
+_BY_DEVICE: Final = "WHERE user_id = ? AND device_id = ? AND curve25519 = ?"
+"""Selects one device's row (parameters: :func:`_device_key`)."""
+
+
+def _device_key(device: PeerDevice) -> tuple[str, str, str]:
+    return (device.user_id, device.device_id, device.curve25519)
+
+
+async def _first_row(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> Any:
+    """The first row ``sql`` selects inside a transaction (``None`` when there is none)."""
+    cursor = await conn.execute(sql, params)
+    row = await cursor.fetchone()
+    await cursor.close()
+    return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +159,7 @@ class NoOlmLedger:
     async def entry(self, device: PeerDevice) -> LedgerEntry | None:
         """The ledger row for ``device``, if any."""
         rows = await self._store.fetchall(
-            f"SELECT {_ENTRY_COLUMNS} FROM withheld_no_olm "
-            "WHERE user_id = ? AND device_id = ? AND curve25519 = ?",
-            (device.user_id, device.device_id, device.curve25519),
+            f"SELECT {_ENTRY_COLUMNS} FROM withheld_no_olm {_BY_DEVICE}", _device_key(device)
         )
         return _entry(rows[0]) if rows else None
 
@@ -164,18 +180,15 @@ class NoOlmLedger:
         async with self._lock:
             now = self._clock()
             async with self._store.transaction() as conn:
-                cursor = await conn.execute(
-                    "SELECT session_since_notice FROM withheld_no_olm "
-                    "WHERE user_id = ? AND device_id = ? AND curve25519 = ?",
-                    (device.user_id, device.device_id, device.curve25519),
+                row = await _first_row(
+                    conn,
+                    f"SELECT session_since_notice FROM withheld_no_olm {_BY_DEVICE}",
+                    _device_key(device),
                 )
-                row = await cursor.fetchone()
-                await cursor.close()
                 if row is not None and not row[0]:
                     await conn.execute(
-                        "UPDATE withheld_no_olm SET suppressed = suppressed + 1 "
-                        "WHERE user_id = ? AND device_id = ? AND curve25519 = ?",
-                        (device.user_id, device.device_id, device.curve25519),
+                        f"UPDATE withheld_no_olm SET suppressed = suppressed + 1 {_BY_DEVICE}",
+                        _device_key(device),
                     )
                     txn_id = None
                 else:
@@ -187,7 +200,7 @@ class NoOlmLedger:
                         "ON CONFLICT (user_id, device_id, curve25519) DO UPDATE SET "
                         "state = 'pending', txn_id = excluded.txn_id, session_since_notice = 0, "
                         "notices = notices + 1, last_notice_at = excluded.last_notice_at",
-                        (device.user_id, device.device_id, device.curve25519, txn_id, now),
+                        (*_device_key(device), txn_id, now),
                     )
         if txn_id is None:
             self._metrics.suppressed.inc(WithheldCode.NO_OLM)
@@ -201,9 +214,8 @@ class NoOlmLedger:
         """The outbox holds the notice sent with ``txn_id``."""
         async with self._lock, self._store.transaction() as conn:
             await conn.execute(
-                "UPDATE withheld_no_olm SET state = 'sent' "
-                "WHERE user_id = ? AND device_id = ? AND curve25519 = ? AND txn_id = ?",
-                (device.user_id, device.device_id, device.curve25519, txn_id),
+                f"UPDATE withheld_no_olm SET state = 'sent' {_BY_DEVICE} AND txn_id = ?",
+                (*_device_key(device), txn_id),
             )
 
     async def pending(self) -> list[tuple[PeerDevice, str]]:
@@ -243,13 +255,15 @@ class NoOlmLedger:
             cursor = await conn.execute(sql, params)
             changed = cursor.rowcount
             await cursor.close()
-            cursor = await conn.execute(
-                "SELECT 1 FROM withheld_no_olm "
-                "WHERE curve25519 = ? AND session_since_notice = 0 LIMIT 1",
-                (curve25519,),
+            still_armed = (
+                await _first_row(
+                    conn,
+                    "SELECT 1 FROM withheld_no_olm "
+                    "WHERE curve25519 = ? AND session_since_notice = 0 LIMIT 1",
+                    (curve25519,),
+                )
+                is not None
             )
-            still_armed = await cursor.fetchone() is not None
-            await cursor.close()
         if not still_armed:
             self._armed.discard(curve25519)
         if changed:
@@ -281,27 +295,20 @@ class DummyThrottle:
         async with self._lock:
             now = self._clock()
             async with self._store.transaction() as conn:
-                cursor = await conn.execute(
-                    "SELECT sent_at FROM withheld_dummy "
-                    "WHERE user_id = ? AND device_id = ? AND curve25519 = ?",
-                    (device.user_id, device.device_id, device.curve25519),
+                row = await _first_row(
+                    conn, f"SELECT sent_at FROM withheld_dummy {_BY_DEVICE}", _device_key(device)
                 )
-                row = await cursor.fetchone()
-                await cursor.close()
                 if row is not None and now - float(row[0]) < self.interval:
                     return False
                 await conn.execute(
                     "INSERT INTO withheld_dummy (user_id, device_id, curve25519, sent_at) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id, curve25519) "
                     "DO UPDATE SET sent_at = excluded.sent_at",
-                    (device.user_id, device.device_id, device.curve25519, now),
+                    (*_device_key(device), now),
                 )
             return True
 
     async def release(self, device: PeerDevice) -> None:
         """Forget the last acquisition (nothing was sent after all)."""
         async with self._lock, self._store.transaction() as conn:
-            await conn.execute(
-                "DELETE FROM withheld_dummy WHERE user_id = ? AND device_id = ? AND curve25519 = ?",
-                (device.user_id, device.device_id, device.curve25519),
-            )
+            await conn.execute(f"DELETE FROM withheld_dummy {_BY_DEVICE}", _device_key(device))

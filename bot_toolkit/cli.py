@@ -118,6 +118,14 @@ def _load(args: argparse.Namespace) -> BotConfig | None:
         return None
 
 
+def _load_and_log(args: argparse.Namespace) -> BotConfig | None:
+    """:func:`_load`, then logging as the config says (for the commands that connect)."""
+    config = _load(args)
+    if config is not None:
+        setup_logging(config.logging.level, config.logging.format, secrets=config.secrets())
+    return config
+
+
 def _plugins(config: BotConfig) -> tuple[Any, ...] | None:
     """Import, configure and set up the ``[plugins]``; None (error printed) when one fails."""
     # imported here: nio and the plugins' own imports are not needed by the other commands
@@ -173,13 +181,15 @@ def _call(target: Callable[..., Any], *call_args: Any) -> int:
     return result if isinstance(result, int) else EXIT_OK
 
 
-def _optional_module(name: str) -> ModuleType | None:
+def _command_module(command: str, name: str) -> ModuleType | None:
+    """The module ``command`` runs; None (error printed) when this build does not have it."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
+        if e.name != name:
+            raise
+    _err(f"fatal: {command} is not available: this build has no {name} module")
+    return None
 
 
 def _guarded(what: str, run: Callable[[], int]) -> int:
@@ -200,18 +210,16 @@ def _guarded(what: str, run: Callable[[], int]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_and_log(args)
     if config is None:
         return EXIT_CONFIG
-    setup_logging(config.logging.level, config.logging.format, secrets=config.secrets())
     plugins = _plugins(config)
     if plugins is None:
         return EXIT_CONFIG
 
     def start() -> int:
-        bot = _optional_module("bot_toolkit.bot")
+        bot = _command_module("run", "bot_toolkit.bot")
         if bot is None:
-            _err("fatal: run is not available: this build has no bot_toolkit.bot module")
             return EXIT_FATAL
         log.info("bot-toolkit %s starting as %s", __version__, config.matrix.user_id)
         entry = functools.partial(bot.run_bot, plugins=plugins) if plugins else bot.run_bot
@@ -224,9 +232,8 @@ def _demo(args: argparse.Namespace) -> int:
     setup_logging("INFO", "text")
 
     def start() -> int:
-        demo = _optional_module("bot_toolkit.demo")
+        demo = _command_module("demo", "bot_toolkit.demo")
         if demo is None:
-            _err("fatal: demo is not available: this build has no bot_toolkit.demo module")
             return EXIT_FATAL
         return _call(demo.main)
 
@@ -271,10 +278,9 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 
 def _identity(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_and_log(args)
     if config is None:
         return EXIT_CONFIG
-    setup_logging(config.logging.level, config.logging.format, secrets=config.secrets())
     from bot_toolkit.identity.operator import (  # noqa: PLC0415 - nio only for this command
         IdentityCommandError,
         run_identity_command,

@@ -102,6 +102,27 @@ async def _until(what: str, predicate: Any, timeout: float = 60.0) -> None:  # n
         await asyncio.sleep(0.1)
 
 
+async def _send_text_once_joined(
+    client: AsyncClient, room_id: str, member: str, body: str, who: str
+) -> str:
+    """Wait until ``member`` is in ``client``'s encrypted room ``room_id``, then send ``body``
+    there as ``who``; the event id."""
+
+    def joined() -> bool:
+        room = client.rooms.get(room_id)
+        return bool(room and room.encrypted and member in room.users)
+
+    await _until(f"{member} joins {who}'s room", joined, 60)
+    content = {"msgtype": "m.text", "body": body}
+    sent = await _step(
+        f"{who}'s message",
+        client.room_send(room_id, "m.room.message", content, ignore_unverified_devices=True),
+    )
+    if not isinstance(sent, RoomSendResponse):
+        raise DemoError(f"{who} could not send: {sent}")
+    return str(sent.event_id)
+
+
 # ----------------------------------------------------------------------------- Alice
 
 
@@ -192,23 +213,11 @@ class ScriptedPeer:
         created = await client.room_create(invite=[bot_user], initial_state=[encryption])
         if not isinstance(created, RoomCreateResponse):
             raise DemoError(f"Alice could not create a room: {created}")
-        room_id = created.room_id
-
-        def bot_joined() -> bool:
-            room = client.rooms.get(room_id)
-            return bool(room and room.encrypted and bot_user in room.users)
-
-        await _until("the bot joins Alice's room", bot_joined, 60)
-        sent = await client.room_send(
-            room_id,
-            "m.room.message",
-            {"msgtype": "m.text", "body": "!ping demo"},
-            ignore_unverified_devices=True,
+        event_id = await _send_text_once_joined(
+            client, created.room_id, bot_user, "!ping demo", "Alice"
         )
-        if not isinstance(sent, RoomSendResponse):
-            raise DemoError(f"Alice could not send: {sent}")
-        await _until("the bot's answer", lambda: sent.event_id in answers, 60)
-        return answers[sent.event_id]
+        await _until("the bot's answer", lambda: event_id in answers, 60)
+        return answers[event_id]
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -440,23 +449,9 @@ async def _demo(workdir: Path) -> None:
             await carol.upload_device_keys()
             await carol.sync(0)
             room_id = await carol.create_encrypted_room(bot_user.user_id)
-
-            def bot_in_room() -> bool:
-                room = client.rooms.get(room_id)
-                return bool(room and room.encrypted and carol_user.user_id in room.users)
-
-            await _until("the bot joins Carol's room", bot_in_room, 60)
-            resp = await _step(
-                "the bot's message",
-                client.room_send(
-                    room_id,
-                    "m.room.message",
-                    {"msgtype": "m.text", "body": "Hello Carol!"},
-                    ignore_unverified_devices=True,
-                ),
+            await _send_text_once_joined(
+                client, room_id, carol_user.user_id, "Hello Carol!", "the bot"
             )
-            if not isinstance(resp, RoomSendResponse):
-                raise DemoError(f"the bot could not send its message: {resp}")
 
             async def carol_gets_notice() -> None:
                 while not carol.withheld():

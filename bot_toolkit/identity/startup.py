@@ -35,6 +35,17 @@ log = logging.getLogger("bot_toolkit.identity")
 _FIRST_RETRY: Final = 1.0
 
 
+def _permanent_failure(e: Exception) -> tuple[str, str]:
+    """The error-counter reason and the message of a failure that retrying does not cure."""
+    if isinstance(e, SecretStorageError):
+        return "recovery", f"secret storage: {e}"
+    if isinstance(e, InteractiveAuthError):
+        return "auth", str(e)
+    if isinstance(e, IdentityMismatchError):
+        return "mismatch", str(e)
+    return "other", str(e)
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityOptions:
     """What the bot's ``[identity]`` section and login give the identity step."""
@@ -113,20 +124,8 @@ class IdentityStartup:
                 log.warning("identity: %s; retrying in %.1fs", e, delay)
                 await asyncio.sleep(delay)
                 continue
-            except SecretStorageError as e:
-                self._failed("recovery", f"secret storage: {e}")
-                return None
-            except InteractiveAuthError as e:
-                self._failed("auth", str(e))
-                return None
-            except IdentityMismatchError as e:
-                self._failed("mismatch", str(e))
-                return None
-            except IdentityError as e:
-                self._failed("other", str(e))
-                return None
-            except HomeserverError as e:
-                self._failed("other", str(e))
+            except (SecretStorageError, IdentityError, HomeserverError) as e:
+                self._failed(*_permanent_failure(e))
                 return None
             self.error = None
             self.result = result

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -423,64 +423,66 @@ class Inbound:
                     t.our_start_method = None
             await self._feed_event(t, inp, event, room)
 
-    async def _on_accept(
-        self, event: KeyVerificationAccept, room: RoomVerificationEvent | None = None
+    async def _on_step(
+        self,
+        event: KeyVerificationAccept
+        | KeyVerificationKey
+        | KeyVerificationMac
+        | KeyVerificationDone,
+        step: Input,
+        check: Callable[[Txn], Awaitable[Input]] | None,
+        room: RoomVerificationEvent | None,
     ) -> None:
+        """A message of a running flow: an unknown transaction is refused; otherwise the sender
+        and duplicates are checked, then ``check`` (the step's own checks; ``step`` when there
+        are none), and the table is fed what they found."""
         txn = TransactionId(event.transaction_id or "")
         async with self._txns.lock(txn):
             t = self._txns.get(txn)
             if t is None:
-                await self._unknown(event, Input.ACCEPT, room)
+                await self._unknown(event, step, room)
                 return
             inp = self._classify_common(event, t)
             if inp is None:
-                inp = Input.ACCEPT
-                if t.state is State.STARTED_OUT and t.sas is not None:
-                    try:
-                        t.sas.receive_accept(encode_content(event))
-                    except SasError as exc:
-                        inp = exc.input
+                inp = step if check is None else await check(t)
             await self._feed_event(t, inp, event, room)
+
+    async def _on_accept(
+        self, event: KeyVerificationAccept, room: RoomVerificationEvent | None = None
+    ) -> None:
+        async def check(t: Txn) -> Input:
+            if t.state is State.STARTED_OUT and t.sas is not None:
+                try:
+                    t.sas.receive_accept(encode_content(event))
+                except SasError as exc:
+                    return exc.input
+            return Input.ACCEPT
+
+        await self._on_step(event, Input.ACCEPT, check, room)
 
     async def _on_key(
         self, event: KeyVerificationKey, room: RoomVerificationEvent | None = None
     ) -> None:
-        txn = TransactionId(event.transaction_id or "")
-        async with self._txns.lock(txn):
-            t = self._txns.get(txn)
-            if t is None:
-                await self._unknown(event, Input.KEY, room)
-                return
-            inp = self._classify_common(event, t)
-            if inp is None:
-                inp = Input.KEY
-                expects_key = t.state in (
-                    State.STARTED_IN,
-                    State.LEGACY_STARTED_IN,
-                    State.ACCEPTED,
-                )
-                if expects_key and t.sas is not None:
-                    try:
-                        t.sas.receive_their_key(event.key)
-                    except SasError as exc:
-                        inp = exc.input
-            await self._feed_event(t, inp, event, room)
+        async def check(t: Txn) -> Input:
+            expects_key = t.state in (State.STARTED_IN, State.LEGACY_STARTED_IN, State.ACCEPTED)
+            if expects_key and t.sas is not None:
+                try:
+                    t.sas.receive_their_key(event.key)
+                except SasError as exc:
+                    return exc.input
+            return Input.KEY
+
+        await self._on_step(event, Input.KEY, check, room)
 
     async def _on_mac(
         self, event: KeyVerificationMac, room: RoomVerificationEvent | None = None
     ) -> None:
-        txn = TransactionId(event.transaction_id or "")
-        async with self._txns.lock(txn):
-            t = self._txns.get(txn)
-            if t is None:
-                await self._unknown(event, Input.MAC, room)
-                return
-            inp = self._classify_common(event, t)
-            if inp is None:
-                inp = Input.MAC
-                if t.state in _MAC_EXPECTED and t.sas is not None:
-                    inp = await self._check_mac(t, event)
-            await self._feed_event(t, inp, event, room)
+        async def check(t: Txn) -> Input:
+            if t.state in _MAC_EXPECTED and t.sas is not None:
+                return await self._check_mac(t, event)
+            return Input.MAC
+
+        await self._on_step(event, Input.MAC, check, room)
 
     async def _check_mac(self, t: Txn, event: KeyVerificationMac) -> Input:
         assert t.sas is not None and t.peer_device is not None
@@ -511,14 +513,7 @@ class Inbound:
     async def _on_done(
         self, event: KeyVerificationDone, room: RoomVerificationEvent | None = None
     ) -> None:
-        txn = TransactionId(event.transaction_id or "")
-        async with self._txns.lock(txn):
-            t = self._txns.get(txn)
-            if t is None:
-                await self._unknown(event, Input.DONE, room)
-                return
-            inp = self._classify_common(event, t) or Input.DONE
-            await self._feed_event(t, inp, event, room)
+        await self._on_step(event, Input.DONE, None, room)
 
     async def _on_cancel(
         self, event: KeyVerificationCancel, room: RoomVerificationEvent | None = None
