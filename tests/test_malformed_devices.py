@@ -109,7 +109,7 @@ async def test_a_broken_device_breaks_nothing(
 
             # Alice's valid device verifies the bot.
             peer_policy = VerificationPolicy(allowed_users=[bot.user_id], confirm=auto_confirm())
-            async with running_peer(alice, peer_policy) as peer:
+            async with running_peer(alice, peer_policy, tmp_path / "peer") as peer:
                 txn = await peer.manager.request_verification(bot.user_id, bot.device_id)
                 outcome = await peer.manager.wait_finished(txn, T)
                 assert isinstance(outcome, VerificationDone), outcome

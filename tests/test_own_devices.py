@@ -90,7 +90,7 @@ async def test_new_device_on_the_bots_account(
                     confirm=auto_confirm(),
                     own_devices=(bot.device_id,),
                 )
-                async with running_peer(intruder, peer_policy) as peer:
+                async with running_peer(intruder, peer_policy, tmp_path / "peer") as peer:
                     await _verify_then_request(bot, peer, intruder, room_id, session_id, opted_in)
                     await _next_message(bot, peer, room_id, opted_in)
             finally:
