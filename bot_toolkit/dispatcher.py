@@ -24,11 +24,12 @@ import inspect
 import logging
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from bot_toolkit._tasks import TaskSet
 from bot_toolkit.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -190,8 +191,8 @@ class Dispatcher:
         self._drained: asyncio.Event | None = None  # set by a worker once idle; only while joined
         self._idle: deque[asyncio.Future[None]] = deque()  # idle workers
         self._putters: deque[asyncio.Future[None]] = deque()  # put() calls waiting for room
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._workers: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(logger, "dispatcher")  # workers, watchdog, sibling handlers
+        self._workers: set[asyncio.Task[Any]] = set()
         self._deadlines: dict[asyncio.Task[Any], float] = {}  # task -> when its handler expires
         self._expired: dict[asyncio.Task[Any], int] = {}  # task -> cancels the watchdog issued
         self._started = False
@@ -467,23 +468,12 @@ class Dispatcher:
             return
         self._started = True
         for i in range(self.concurrency):
-            self._workers.add(self._spawn(self._worker(), f"bot_toolkit.dispatcher.worker-{i}"))
+            worker = self._tasks.spawn(self._worker(), f"bot_toolkit.dispatcher.worker-{i}")
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
         if self.handler_timeout is not None:
-            self._spawn(self._watchdog(self.handler_timeout), "bot_toolkit.dispatcher.watchdog")
-
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], name: str | None = None
-    ) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._workers.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("dispatcher task %s crashed", task.get_name(), exc_info=exc)
+            watchdog = self._watchdog(self.handler_timeout)
+            self._tasks.spawn(watchdog, "bot_toolkit.dispatcher.watchdog")
 
     async def close(self, timeout: float = 10.0) -> CloseSummary:  # noqa: ASYNC109
         """Stop accepting events, handle those already queued, and stop every task.
@@ -627,7 +617,7 @@ class Dispatcher:
                 await self._failed(handler.name, event, exc)
         if not selected:
             return
-        siblings = [self._spawn(self._call(h, event)) for h in selected[1:]]
+        siblings = [self._tasks.spawn(self._call(h, event)) for h in selected[1:]]
         try:
             await self._call(selected[0], event)
         finally:

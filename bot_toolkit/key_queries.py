@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from bot_toolkit._bounded import BoundedMap
+from bot_toolkit._client_http import homeserver_json
 from bot_toolkit.metrics import Metrics
 
 __all__ = [
@@ -74,21 +75,14 @@ async def nio_query_users(client: Any, user_ids: Sequence[str]) -> None:
     for other homeservers: a slow or hostile one then comes back in ``failures`` (its users stay
     in nio's ``users_for_key_query`` for a later round) instead of holding up the whole answer.
     """
-    import aiohttp  # noqa: PLC0415
     from nio import KeysQueryResponse  # noqa: PLC0415
 
     if client.olm is None or not user_ids:
         return
-    url = client.homeserver.rstrip("/") + "/_matrix/client/v3/keys/query"
-    headers = {"Authorization": f"Bearer {client.access_token}"}
     body = {"device_keys": {user: [] for user in user_ids}, "timeout": REMOTE_TIMEOUT_MS}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url, json=body, headers=headers) as resp,
-    ):
-        answer = await resp.json(content_type=None)
-        if resp.status != 200:
-            raise KeyQueryFailed(f"HTTP {resp.status}")
+    status, answer = await homeserver_json(client, "POST", "/_matrix/client/v3/keys/query", body)
+    if status != 200 or not isinstance(answer, dict):
+        raise KeyQueryFailed(f"HTTP {status}")
     response = KeysQueryResponse.from_dict(answer)
     if not isinstance(response, KeysQueryResponse):
         raise KeyQueryFailed(type(response).__name__)

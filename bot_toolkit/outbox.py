@@ -68,6 +68,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from ._tasks import TaskSet
 from .metrics import Metrics
 from .store import Store
 
@@ -442,6 +443,7 @@ class Outbox:
         self._wake_writer = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._tasks = TaskSet(log, "outbox")  # the writer and the workers
         self._writer: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._closing: asyncio.Future[None] | None = None
@@ -492,22 +494,12 @@ class Outbox:
         if rows:
             log.info("outbox: recovered %d unsent requests from the store", len(rows))
         self._state = "running"
-        self._writer = self._spawn(self._write_loop(), "outbox-writer")
+        self._writer = self._tasks.spawn(self._write_loop(), "outbox-writer")
         self._workers = [
-            self._spawn(self._work_loop(), f"outbox-worker-{i}") for i in range(self.concurrency)
+            self._tasks.spawn(self._work_loop(), f"outbox-worker-{i}")
+            for i in range(self.concurrency)
         ]
         return len(rows)
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        task.add_done_callback(self._task_done)
-        return task
-
-    @staticmethod
-    def _task_done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("outbox: task %s died", task.get_name(), exc_info=task.exception())
 
     async def flush(self, timeout: float | None) -> bool:  # noqa: ASYNC109
         """Wait until every request is accepted or refused and the store is up to date.

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .._client_http import homeserver_json
 from .._types import DeviceId, UserId
 
 __all__ = ["KeySource", "NioDeviceTrust", "NioKeySource", "PeerKeys"]
@@ -96,23 +97,18 @@ class NioKeySource:
     async def master_key(self, user_id: str) -> str | None:
         import aiohttp  # noqa: PLC0415
 
-        url = self._client.homeserver.rstrip("/") + "/_matrix/client/v3/keys/query"
-        headers = {"Authorization": f"Bearer {self._client.access_token}"}
         try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.post(
-                    url,
-                    json={"device_keys": {user_id: []}},
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=15),
-                ) as resp,
-            ):
-                if resp.status != 200:
-                    return None
-                body = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+            status, body = await homeserver_json(
+                self._client,
+                "POST",
+                "/_matrix/client/v3/keys/query",
+                {"device_keys": {user_id: []}},
+                request_timeout=15,
+            )
+        except (aiohttp.ClientError, TimeoutError):
             log.warning("could not fetch the master key of %s", user_id)
+            return None
+        if status != 200:
             return None
         master = body.get("master_keys", {}).get(user_id) if isinstance(body, dict) else None
         keys = master.get("keys") if isinstance(master, dict) else None

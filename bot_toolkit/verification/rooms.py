@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 from urllib.parse import quote
 
+from .._client_http import homeserver_json
 from ..dispatcher import Dispatcher, DispatcherClosed
 from ..events import DecodeError, VerificationEvent, decode
 from ..metrics import Metrics
@@ -324,25 +325,15 @@ class NioRooms:
         always encrypts in an encrypted room)."""
         import aiohttp  # noqa: PLC0415
 
-        client = self._client
-        url = (
-            f"{client.homeserver.rstrip('/')}/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
+        path = (
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
             f"/send/{quote(event_type, safe='')}/{secrets.token_hex(12)}"
         )
-        headers = {"Authorization": f"Bearer {client.access_token}"}
         try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.put(
-                    url,
-                    json=dict(content),
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=_SEND_TIMEOUT),
-                ) as resp,
-            ):
-                body = await resp.json(content_type=None)
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            status, body = await homeserver_json(
+                self._client, "PUT", path, dict(content), request_timeout=_SEND_TIMEOUT
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise RoomSendError(f"sending {event_type} to {room_id} failed: {exc}") from None
         event_id = body.get("event_id") if isinstance(body, Mapping) else None
         if status != 200 or not isinstance(event_id, str):

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Final, NamedTuple
 
@@ -476,15 +476,7 @@ class SasSession:
         self._require_established()
         if f"ed25519:{self._us.device_id}" not in our_keys:
             raise ValueError("our device's ed25519 key must be among the MACed keys")
-
-        def info(key_id: str) -> str:
-            return mac_info(
-                sender=self._us,
-                receiver=self._them,
-                transaction_id=self._transaction_id,
-                key_id=key_id,
-            )
-
+        info = self._mac_info(sender=self._us, receiver=self._them)
         mac = {key_id: self._calculate(key, info(key_id)) for key_id, key in our_keys.items()}
         return {
             "transaction_id": self._transaction_id,
@@ -505,14 +497,7 @@ class SasSession:
         Raises :class:`KeyMismatchError` otherwise (and the session refuses further work).
         """
         self._require_established()
-
-        def info(key_id: str) -> str:
-            return mac_info(
-                sender=self._them,
-                receiver=self._us,
-                transaction_id=self._transaction_id,
-                key_id=key_id,
-            )
+        info = self._mac_info(sender=self._them, receiver=self._us)
 
         try:
             if not mac:
@@ -541,6 +526,13 @@ class SasSession:
     def _check_usable(self) -> None:
         if self._failed:
             raise SasStateError("this SAS session failed; start a new transaction")
+
+    def _mac_info(self, *, sender: Party, receiver: Party) -> Callable[[str], str]:
+        """:func:`mac_info` of this transaction, by key id, for MACs ``sender`` sends."""
+        txn = self._transaction_id
+        return lambda key_id: mac_info(
+            sender=sender, receiver=receiver, transaction_id=txn, key_id=key_id
+        )
 
     def _require_established(self) -> tuple[vodozemac.EstablishedSas, str]:
         self._check_usable()
