@@ -126,25 +126,26 @@ def _load_and_log(args: argparse.Namespace) -> BotConfig | None:
     return config
 
 
-def _plugins(config: BotConfig) -> tuple[Any, ...] | None:
-    """Import, configure and set up the ``[plugins]``; None (error printed) when one fails."""
+def _with_plugins(config: BotConfig | None) -> tuple[BotConfig, tuple[Any, ...]] | None:
+    """``config`` (when it loaded) and its ``[plugins]``, imported, configured and set up;
+    None (error printed) when either failed."""
+    if config is None:
+        return None
     # imported here: nio and the plugins' own imports are not needed by the other commands
     from bot_toolkit.plugin_host import load_plugins  # noqa: PLC0415
 
     try:
-        return load_plugins(config.plugins)
+        return config, load_plugins(config.plugins)
     except ConfigError as e:
         _err(f"config error: {e}")
         return None
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if config is None:
+    loaded = _with_plugins(_load(args))  # as `run` does before it connects
+    if loaded is None:
         return EXIT_CONFIG
-    plugins = _plugins(config)  # as `run` does before it connects
-    if plugins is None:
-        return EXIT_CONFIG
+    _, plugins = loaded
     names = f" (plugins: {', '.join(p.name for p in plugins)})" if plugins else ""
     print(f"config OK: {_config_path(args) or '(environment)'}{names}")
     return EXIT_OK
@@ -210,12 +211,10 @@ def _guarded(what: str, run: Callable[[], int]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load_and_log(args)
-    if config is None:
+    loaded = _with_plugins(_load_and_log(args))
+    if loaded is None:
         return EXIT_CONFIG
-    plugins = _plugins(config)
-    if plugins is None:
-        return EXIT_CONFIG
+    config, plugins = loaded
 
     def start() -> int:
         bot = _command_module("run", "bot_toolkit.bot")

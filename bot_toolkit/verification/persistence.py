@@ -28,6 +28,12 @@ log = logging.getLogger("bot_toolkit.verification.persistence")
 RESTART_REASON: Final = "verifier restarted"
 """The reason of the ``m.user`` cancel sent on start-up for transactions left by a restart."""
 
+_DELETE_TXN: Final = (
+    "DELETE FROM verification_inflight WHERE txn = ?",
+    "DELETE FROM verification_room_inflight WHERE txn = ?",
+)
+"""Forget one transaction's live rows (parameter: its id)."""
+
 _COMPONENT: Final = "verification"
 _MIGRATIONS: Final[dict[int, list[str]]] = {
     1: [
@@ -124,17 +130,11 @@ class InflightStore:
 
     async def add_room(self, txn: str, room_id: str, user: str, deadline: float) -> None:
         """Keep a live in-room flow (logged, never raised, on failure)."""
-        if self.store is None:
-            return
-        try:
-            async with self.store.transaction() as conn:
-                await conn.execute(
-                    "INSERT OR REPLACE INTO verification_room_inflight "
-                    "(txn, room_id, user_id, deadline) VALUES (?, ?, ?, ?)",
-                    (txn, room_id, user, deadline),
-                )
-        except Exception:
-            log.exception("could not persist verification %s", txn)
+        sql = (
+            "INSERT OR REPLACE INTO verification_room_inflight "
+            "(txn, room_id, user_id, deadline) VALUES (?, ?, ?, ?)"
+        )
+        await self._write_logged("persist", txn, [(sql, (txn, room_id, user, deadline))])
 
     async def cancelled(self, now: float) -> dict[str, str]:
         """Transactions cancelled at an earlier restart and still remembered: ``{txn: user}``.
@@ -171,8 +171,8 @@ class InflightStore:
             return
         async with self.store.transaction() as conn:
             for txn in ids:
-                await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
-                await conn.execute("DELETE FROM verification_room_inflight WHERE txn = ?", (txn,))
+                for sql in _DELETE_TXN:
+                    await conn.execute(sql, (txn,))
 
     async def clear(self) -> None:
         """Forget every kept transaction."""
@@ -185,26 +185,25 @@ class InflightStore:
 
     async def add(self, txn: str, user: str, devices: Sequence[str], deadline: float) -> None:
         """Keep a live transaction (logged, never raised, on failure)."""
-        if self.store is None:
-            return
-        try:
-            async with self.store.transaction() as conn:
-                for device in devices:
-                    await conn.execute(
-                        "INSERT OR REPLACE INTO verification_inflight "
-                        "(txn, user_id, device_id, deadline) VALUES (?, ?, ?, ?)",
-                        (txn, user, device, deadline),
-                    )
-        except Exception:
-            log.exception("could not persist verification %s", txn)
+        sql = (
+            "INSERT OR REPLACE INTO verification_inflight "
+            "(txn, user_id, device_id, deadline) VALUES (?, ?, ?, ?)"
+        )
+        await self._write_logged("persist", txn, [(sql, (txn, user, d, deadline)) for d in devices])
 
     async def remove(self, txn: str) -> None:
         """Forget a finished transaction (logged, never raised, on failure)."""
+        await self._write_logged("forget", txn, [(sql, (txn,)) for sql in _DELETE_TXN])
+
+    async def _write_logged(
+        self, what: str, txn: str, statements: Iterable[tuple[str, Sequence[Any]]]
+    ) -> None:
+        """Run ``statements`` in one store transaction; a failure is logged, never raised."""
         if self.store is None:
             return
         try:
             async with self.store.transaction() as conn:
-                await conn.execute("DELETE FROM verification_inflight WHERE txn = ?", (txn,))
-                await conn.execute("DELETE FROM verification_room_inflight WHERE txn = ?", (txn,))
+                for sql, params in statements:
+                    await conn.execute(sql, params)
         except Exception:
-            log.exception("could not forget verification %s", txn)
+            log.exception("could not %s verification %s", what, txn)
