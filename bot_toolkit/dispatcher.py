@@ -96,6 +96,15 @@ class CloseSummary:
     abandoned: int
 
 
+def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:
+    """Resolve the first of ``waiters`` still waiting (the ones before it gave up: dropped)."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return
+
+
 @dataclass(frozen=True, slots=True)
 class _Handler:
     func: Callable[[Any], Awaitable[None]]
@@ -323,12 +332,7 @@ class Dispatcher:
         if queue is None:
             self._pending[key] = deque((event,))
             self._ready.append(key)
-            idle = self._idle
-            while idle:
-                waiter = idle.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            _wake_one(self._idle)
         else:
             queue.append(event)
         self._queued += 1
@@ -405,12 +409,7 @@ class Dispatcher:
         return event
 
     def _wake_putter(self) -> None:
-        putters = self._putters
-        while putters:
-            waiter = putters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        _wake_one(self._putters)
 
     def _wake_joiners(self) -> None:
         drained, self._drained = self._drained, None

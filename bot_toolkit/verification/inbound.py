@@ -55,6 +55,16 @@ _MAC_EXPECTED: Final = frozenset(
 _RAW_STARTS_KEPT: Final = 1024
 
 
+def _sas_checked(step: Input, check: Callable[[], object]) -> Input:
+    """``step`` when ``check`` (a :class:`SasSession` call taking the peer's message) passes,
+    else the table input of the :class:`SasError` it raised."""
+    try:
+        check()
+    except SasError as exc:
+        return exc.input
+    return step
+
+
 class Inbound:
     """The manager's event handlers; see the module docs."""
 
@@ -451,11 +461,8 @@ class Inbound:
         self, event: KeyVerificationAccept, room: RoomVerificationEvent | None = None
     ) -> None:
         async def check(t: Txn) -> Input:
-            if t.state is State.STARTED_OUT and t.sas is not None:
-                try:
-                    t.sas.receive_accept(encode_content(event))
-                except SasError as exc:
-                    return exc.input
+            if t.state is State.STARTED_OUT and (sas := t.sas) is not None:
+                return _sas_checked(Input.ACCEPT, lambda: sas.receive_accept(encode_content(event)))
             return Input.ACCEPT
 
         await self._on_step(event, Input.ACCEPT, check, room)
@@ -465,11 +472,8 @@ class Inbound:
     ) -> None:
         async def check(t: Txn) -> Input:
             expects_key = t.state in (State.STARTED_IN, State.LEGACY_STARTED_IN, State.ACCEPTED)
-            if expects_key and t.sas is not None:
-                try:
-                    t.sas.receive_their_key(event.key)
-                except SasError as exc:
-                    return exc.input
+            if expects_key and (sas := t.sas) is not None:
+                return _sas_checked(Input.KEY, lambda: sas.receive_their_key(event.key))
             return Input.KEY
 
         await self._on_step(event, Input.KEY, check, room)
