@@ -11,30 +11,21 @@ budget. Each request is answered at most once.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
-
-from nio import AsyncClient
+from typing import Any, Final
 
 from bot_toolkit._bounded import BoundedMap
 from bot_toolkit._nio_adapter import inbound_group_sessions, olm_encrypt
+from bot_toolkit._sharing_context import SharingContext
 from bot_toolkit._withheld_wire import WITHHELD_EVENT
 from bot_toolkit.events import RoomKeyRequest
-from bot_toolkit.metrics import Counter, Metrics
 from bot_toolkit.room_key_log import RoomKeyLog
 from bot_toolkit.withheld import (
-    Clock,
     DeviceTrust,
     SenderRateLimit,
-    SharingPolicy,
     WithheldError,
-    WithheldMetrics,
     withheld_content,
 )
-
-if TYPE_CHECKING:
-    from bot_toolkit.key_sharing import NoticeOutbox
 
 __all__ = ["KeyRequestAnswers"]
 
@@ -48,51 +39,36 @@ _REQUESTS_REMEMBERED: Final = 10_000
 class KeyRequestAnswers:
     """The key-request answers of one :class:`~bot_toolkit.key_sharing.KeySharing`.
 
-    ``policy()`` and ``attached()`` read the key sharing's current policy and state;
-    ``trust(olm, device)`` is its view of a device's trust, ``own()`` our (user id, device id,
-    curve25519 key); ``limited`` is ``key_sharing_rate_limited_total``.
+    ``trust(olm, device)`` is its view of a device's trust.
     """
 
     def __init__(
         self,
-        client: AsyncClient,
+        ctx: SharingContext,
         *,
         room_keys: RoomKeyLog,
-        outbox: NoticeOutbox,
-        counters: WithheldMetrics,
-        metrics: Metrics,
-        limited: Counter,
-        clock: Clock = time.monotonic,
-        policy: Callable[[], SharingPolicy],
-        attached: Callable[[], bool],
         trust: Callable[[Any, Any], DeviceTrust],
-        own: Callable[[], tuple[str, str, str]],
     ) -> None:
-        self.client = client
+        self.client = ctx.client
         self.room_keys = room_keys
-        self._outbox = outbox
-        self._counters = counters
-        self._m_limited = limited
-        self._m_forwarded = metrics.counter(
+        self._ctx = ctx
+        self._trust = trust
+        self._m_forwarded = ctx.metrics.counter(
             "room_key_requests_served_total",
             "Key requests answered with the key (Olm, through the outbox)",
             ["result"],  # sent, no_olm_session
         )
         # Per sender user: withheld replies to key requests, and answers to m.no_olm (device-list
         # query, claim, m.dummy). Any Matrix user can send both.
-        self._request_limit = SenderRateLimit(clock)
+        self._request_limit = SenderRateLimit(ctx.clock)
         self._answered: BoundedMap[tuple[str, str, str], None] = BoundedMap(_REQUESTS_REMEMBERED)
-        self._policy = policy
-        self._attached = attached
-        self._trust = trust
-        self._own = own
 
     async def on_key_request(self, event: RoomKeyRequest) -> None:
         """Answer ``event`` with the key, a withheld notice, or not at all (see the module)."""
         olm = self.client.olm
-        if not self._attached() or olm is None or not self._policy().answer_key_requests:
+        if not self._ctx.attached() or olm is None or not self._ctx.policy().answer_key_requests:
             return
-        own_user, own_device, _ = self._own()
+        own_user, own_device, _ = self._ctx.own()
         if event.sender == own_user and event.requesting_device_id == own_device:
             return
         key = (event.sender, event.requesting_device_id, event.request_id)
@@ -111,10 +87,10 @@ class KeyRequestAnswers:
         ):
             self._remember_answered(key)
             return
-        if not self._policy().send_withheld:
+        if not self._ctx.policy().send_withheld:
             return
         try:
-            self._policy().check_key_request(
+            self._ctx.policy().check_key_request(
                 own_user_id=own_user,
                 requester_user_id=event.sender,
                 requester=trust,
@@ -123,7 +99,7 @@ class KeyRequestAnswers:
             )
         except WithheldError as refusal:
             if not self._request_limit.allow(event.sender):
-                self._m_limited.inc("key_request")
+                self._ctx.limited.inc("key_request")
                 log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
                 return
             await self._reply(event, refusal)
@@ -152,7 +128,7 @@ class KeyRequestAnswers:
             return False
         if event.sender == olm.user_id and trust.verified and not trust.blacklisted:
             return False  # nio forwards keys to our own verified devices itself
-        if self._policy().withholds(trust):
+        if self._ctx.policy().withholds(trust):
             return False
         record = await self.room_keys.lookup(
             body.session_id, event.sender, event.requesting_device_id
@@ -168,7 +144,7 @@ class KeyRequestAnswers:
         if group_session is None:
             return False
         if not self._request_limit.allow(event.sender):
-            self._m_limited.inc("key_request")
+            self._ctx.limited.inc("key_request")
             log.debug("key request %s from %s: rate limited", event.request_id, event.sender)
             return True
         session = olm.session_store.get(device.curve25519)
@@ -195,7 +171,9 @@ class KeyRequestAnswers:
             "session_key": group_session.export_session(index),
         }
         envelope = olm_encrypt(olm, session, device, "m.forwarded_room_key", content)
-        await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
+        await self._ctx.outbox.send(
+            _ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}}
+        )
         self._m_forwarded.inc("sent")
         log.info(
             "answered key request %s from %s %s with the key of %s from index %d",
@@ -208,7 +186,7 @@ class KeyRequestAnswers:
         return True
 
     async def _reply(self, event: RoomKeyRequest, refusal: WithheldError) -> None:
-        _, device_id, curve = self._own()
+        _, device_id, curve = self._ctx.own()
         content = withheld_content(
             refusal,
             sender_key=event.body.sender_key or curve,
@@ -217,10 +195,10 @@ class KeyRequestAnswers:
             session_id=event.body.session_id,
             algorithm=event.body.algorithm,
         )
-        await self._outbox.send(
+        await self._ctx.outbox.send(
             WITHHELD_EVENT, {event.sender: {event.requesting_device_id: content}}
         )
-        self._counters.sent.inc(refusal.code)
+        self._ctx.counters.sent.inc(refusal.code)
         log.info(
             "answered key request %s from %s %s: %s",
             event.request_id,

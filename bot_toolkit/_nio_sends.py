@@ -16,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from nio import AsyncClient, ErrorResponse, ToDeviceError, ToDeviceMessage, ToDeviceResponse
+from nio import ErrorResponse, ToDeviceError, ToDeviceMessage, ToDeviceResponse
 
 from bot_toolkit._nio_adapter import contain_soft_logout
-from bot_toolkit.metrics import Metrics
-
-if TYPE_CHECKING:
-    from bot_toolkit.key_sharing import NoticeOutbox
+from bot_toolkit._sharing_context import SharingContext
 
 __all__ = ["NioSends"]
 
@@ -32,22 +29,14 @@ log = logging.getLogger("bot_toolkit.key_sharing")
 
 
 class NioSends:
-    """The send hooks of one :class:`~bot_toolkit.key_sharing.KeySharing` (``attached()``: its
-    hooks are active)."""
+    """The send hooks of one :class:`~bot_toolkit.key_sharing.KeySharing` (they pass calls
+    through to nio once its hooks are detached)."""
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        outbox: NoticeOutbox,
-        metrics: Metrics,
-        *,
-        attached: Callable[[], bool],
-    ) -> None:
-        self.client = client
-        self._outbox = outbox
-        self._attached = attached
+    def __init__(self, ctx: SharingContext) -> None:
+        self.client = ctx.client
+        self._ctx = ctx
         self._nio_queued: set[int] = set()  # ids of nio's to-device messages being handed over
-        self._m_soft_logout = metrics.counter(
+        self._m_soft_logout = ctx.metrics.counter(
             "nio_soft_logout_ignored_total",
             "nio error responses whose soft_logout flag was not a real M_UNKNOWN_TOKEN",
             [],
@@ -57,7 +46,7 @@ class NioSends:
         """The replacement for ``client.to_device``: the message goes to the outbox."""
 
         async def to_device(message: ToDeviceMessage, tx_id: str | None = None) -> Any:
-            if not self._attached():
+            if not self._ctx.attached():
                 return await original(message, tx_id)
             return await self._queue_nio_message(message, tx_id)
 
@@ -69,7 +58,7 @@ class NioSends:
         """The replacement for ``client.send_to_device_messages``: nio's queue to the outbox."""
 
         async def send_to_device_messages() -> Any:
-            if not self._attached():
+            if not self._ctx.attached():
                 return await original()
             # Two callers (sync_forever and the bot's loop) may run this at once: a message
             # being handed over is not handed over twice.
@@ -91,7 +80,7 @@ class NioSends:
         cancellations, ``m.dummy``, ...) in the outbox; nio treats it as sent once stored."""
         messages = message.as_dict()["messages"]
         try:
-            await self._outbox.send(
+            await self._ctx.outbox.send(
                 message.type, messages, txn_id=None if tx_id is None else str(tx_id)
             )
         except Exception as exc:
@@ -111,7 +100,7 @@ class NioSends:
         """The replacement for ``client.receive_response``: ``soft_logout`` contained."""
 
         async def receive_response(response: Any) -> None:
-            if self._attached() and isinstance(response, ErrorResponse):
+            if self._ctx.attached() and isinstance(response, ErrorResponse):
                 self._contain_soft_logout(response)
             await original(response)
 

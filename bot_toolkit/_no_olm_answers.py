@@ -10,20 +10,13 @@ knows. Counted in ``withheld_dummy_total{result}``.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
-
-from nio import AsyncClient
+from typing import Any, Final
 
 from bot_toolkit._nio_adapter import olm_encrypt
+from bot_toolkit._sharing_context import SharingContext
 from bot_toolkit.events import RoomKeyWithheld
 from bot_toolkit.key_queries import KeyQueries
-from bot_toolkit.metrics import Counter, Metrics
-from bot_toolkit.withheld import Clock, DummyThrottle, PeerDevice, SenderRateLimit
-
-if TYPE_CHECKING:
-    from bot_toolkit.key_sharing import NoticeOutbox
+from bot_toolkit.withheld import DummyThrottle, PeerDevice, SenderRateLimit
 
 __all__ = ["NoOlmAnswers"]
 
@@ -36,50 +29,31 @@ dropped and counted (``withheld_dummy_total{result="busy"}``)."""
 
 
 class NoOlmAnswers:
-    """The ``m.no_olm`` answers of one :class:`~bot_toolkit.key_sharing.KeySharing`.
+    """The ``m.no_olm`` answers of one :class:`~bot_toolkit.key_sharing.KeySharing`: they run
+    while its hooks are attached and its policy's ``dummy_on_no_olm`` is on, in its background
+    task set."""
 
-    ``enabled()`` tells whether to answer (hooks attached and the policy's ``dummy_on_no_olm``);
-    ``limited`` is ``key_sharing_rate_limited_total``; ``spawn`` runs the answer in the key
-    sharing's background task set and ``on_error(where)`` logs and counts an unexpected error.
-    """
-
-    def __init__(
-        self,
-        client: AsyncClient,
-        *,
-        throttle: DummyThrottle,
-        outbox: NoticeOutbox,
-        metrics: Metrics,
-        limited: Counter,
-        clock: Clock = time.monotonic,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
-        on_error: Callable[[str], None],
-        enabled: Callable[[], bool],
-    ) -> None:
-        self.client = client
+    def __init__(self, ctx: SharingContext, *, throttle: DummyThrottle) -> None:
+        self.client = ctx.client
+        self._ctx = ctx
         self._throttle = throttle
-        self._outbox = outbox
-        self._m_dummy = metrics.counter(
+        self._m_dummy = ctx.metrics.counter(
             "withheld_dummy_total",
             "Answers to received m.no_olm notices (result: sent, throttled, no_device, no_key)",
             ["result"],
         )
-        self._m_limited = limited
-        self._no_olm_limit = SenderRateLimit(clock)
-        self._queries = KeyQueries.of(client, metrics)
+        self._no_olm_limit = SenderRateLimit(ctx.clock)
+        self._queries = KeyQueries.of(ctx.client, ctx.metrics)
         self._answering = 0  # m.no_olm answers running in the background
-        self._spawn = spawn
-        self._error = on_error
-        self._enabled = enabled
 
     async def on_withheld(self, event: RoomKeyWithheld) -> None:
         """A peer could not set up an Olm session with us: open one to it and send ``m.dummy``."""
         client = self.client
         olm = client.olm
-        if not self._enabled() or olm is None:
+        if not (self._ctx.attached() and self._ctx.policy().dummy_on_no_olm) or olm is None:
             return
         if not self._no_olm_limit.allow(event.sender):
-            self._m_limited.inc("no_olm")
+            self._ctx.limited.inc("no_olm")
             log.debug("m.no_olm from %s: rate limited", event.sender)
             return
         if not _knows_user(client, event.sender):
@@ -95,7 +69,7 @@ class NoOlmAnswers:
         # Off the dispatcher: the device-list query and the one-time-key claim can take as
         # long as the sender's homeserver makes them.
         self._answering += 1
-        self._spawn(self._answer_no_olm(event))
+        self._ctx.spawn(self._answer_no_olm(event))
 
     async def _answer_no_olm(self, event: RoomKeyWithheld) -> None:
         try:
@@ -148,7 +122,9 @@ class NoOlmAnswers:
             )
             return False
         envelope = olm_encrypt(olm, session, device, "m.dummy", {})
-        await self._outbox.send(_ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}})
+        await self._ctx.outbox.send(
+            _ENCRYPTED_EVENT, {device.user_id: {device.device_id: envelope}}
+        )
         self._m_dummy.inc("sent")
         log.info("opened an Olm session with %s %s and sent m.dummy", peer.user_id, peer.device_id)
         return True
@@ -158,7 +134,7 @@ class NoOlmAnswers:
         try:
             await self._throttle.release(peer)
         except Exception:
-            self._error("dummy_release")
+            self._ctx.on_error("dummy_release")
 
 
 # ---------------------------------------------------------------------------------------------
