@@ -30,21 +30,18 @@ from typing import Any, Final
 
 from nio import KeysClaimResponse
 
+from bot_toolkit._rate_rules import ClaimBackoff
 from bot_toolkit._sharing_context import SharingContext
-from bot_toolkit.withheld import (
-    ClaimBackoff,
-    CrossSigningView,
-    DeviceTrust,
-    PeerDevice,
-    ShareWith,
-    WithheldError,
-)
+from bot_toolkit._sharing_policy import CrossSigningView, DeviceTrust, ShareWith
+from bot_toolkit._withheld_wire import PeerDevice, WithheldError
 
 __all__ = ["KeyRecipients", "ShareRound"]
 
 log = logging.getLogger("bot_toolkit.key_sharing")
 
 _ROTATIONS_REMEMBERED: Final = 10_000
+"""Megolm sessions waiting to be replaced after a refused room key; beyond this, one is
+forgotten (it is then shared on, not replaced)."""
 
 
 @dataclass(slots=True)
