@@ -62,8 +62,9 @@ class KeyQueryGuard:
             ["reason"],
         )
         self._query_tasks = TaskSet(logger, "key query", lambda _e: errors.inc("keys_query"))
-        self._querying: set[str] = set()
-        """Users in a batch still running (a later ``keys_query()`` does not ask again)."""
+        self._querying: dict[str, asyncio.Task[bool]] = {}
+        """Users in a batch still running, and that batch (a later ``keys_query()`` does not
+        ask again: it waits for the same answer)."""
 
     def wrap_keys_query(self, original: Callable[[], Awaitable[Any]]) -> Callable[[], Any]:
         """The replacement for ``client.keys_query``."""
@@ -89,17 +90,19 @@ class KeyQueryGuard:
         each a request the homeserver answers within its ``timeout`` (a slow remote homeserver's
         users come back as failures and stay pending) and that is cut after
         :data:`~bot_toolkit.key_queries.QUERY_TIMEOUT` seconds; each answer goes to nio as it
-        comes, and the caller waits at most :data:`KEY_QUERY_WAIT` seconds.
+        comes, and the caller waits at most :data:`KEY_QUERY_WAIT` seconds, for its users'
+        batches, also those an earlier caller started: ``room_send`` calls this right after the
+        sync loop did, and must not share a room key before a new member's devices are known
+        (they would get neither the key nor a withheld notice).
         """
         fresh = [u for u in users if u not in self._querying]
-        self._querying.update(fresh)
-        batches = [fresh[i : i + BATCH_USERS] for i in range(0, len(fresh), BATCH_USERS)]
-        tasks = [self._query_tasks.spawn(self._query_batch(batch)) for batch in batches]
-        if not tasks:  # every pending user is in a batch still running
-            self._m_errors.inc("keys_query_slow")
-            return KeysQueryError(f"keys of {len(users)} users still coming")
+        for i in range(0, len(fresh), BATCH_USERS):
+            batch = fresh[i : i + BATCH_USERS]
+            task = self._query_tasks.spawn(self._query_batch(batch))
+            self._querying.update(dict.fromkeys(batch, task))
+        tasks = {self._querying[u] for u in users}  # each user is in a batch now
         done, pending = await asyncio.wait(tasks, timeout=KEY_QUERY_WAIT)
-        if pending or not all(t.result() for t in done) or len(fresh) < len(users):
+        if pending or not all(not t.cancelled() and t.result() for t in done):
             self._m_errors.inc("keys_query_slow")
             return KeysQueryError("keys of some users still coming, or failed")
         return KeysQueryResponse.from_dict({"device_keys": {}, "failures": {}})
@@ -115,7 +118,8 @@ class KeyQueryGuard:
             )
             return False
         finally:
-            self._querying.difference_update(users)
+            for user in users:
+                self._querying.pop(user, None)
         return True
 
     def wrap_handle_key_query(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:

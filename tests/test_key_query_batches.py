@@ -81,3 +81,44 @@ async def test_pending_users_are_queried_in_batches_once(
             assert olm.users_for_key_query.isdisjoint(second)
     finally:
         await proxy.stop()
+
+
+async def test_a_caller_waits_for_the_batch_already_asking_for_its_users(
+    synapse: LocalSynapse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``room_send`` calls ``keys_query()`` just after the sync loop did: while the sync loop's
+    batch for a new member is out, ``room_send``'s call waits for that answer (bounded), so the
+    room key is shared once the member's devices are known. It used to return at once, and the
+    message went out without the member's devices (no key, no withheld notice)."""
+    monkeypatch.setattr(_key_query_guard, "KEY_QUERY_WAIT", T)
+    hold = asyncio.Event()
+    proxy = FaultProxy(
+        synapse.url,
+        match="/keys/query",
+        policy=lambda n: Fault.delay(3 * T) if hold.is_set() else Fault.passthrough(),
+    )
+    await proxy.start()
+    member = (await asyncio.to_thread(synapse.register)).user_id
+    via_proxy = SimpleNamespace(url=proxy.url, register=synapse.register)
+    try:
+        async with running_bot(via_proxy, tmp_path, key_sharing=SharingPolicy()) as bot:
+            olm = bot.client.olm
+            await wait_until(lambda: not olm.users_for_key_query, within=T, what="start settles")
+            hold.set()
+            before = len(proxy.hits)
+            olm.users_for_key_query.add(member)
+            first = asyncio.create_task(bot.client.keys_query())  # the sync loop's
+            await wait_until(lambda: len(proxy.hits) > before, within=T, what="the held batch")
+            assert member not in olm.tracked_users
+            second = asyncio.create_task(bot.client.keys_query())  # room_send's
+            # The release runs after the second call's first step (callbacks run in order):
+            # it is waiting by then, and only the batch's answer can end its wait early.
+            hold.clear()
+            asyncio.get_running_loop().call_soon(proxy.release)
+            answer = await second
+            assert type(answer).__name__ == "KeysQueryResponse", answer
+            assert member in olm.tracked_users  # known when keys_query() returned
+            assert len(proxy.hits) - before == 1  # the second call asked nothing itself
+            assert type(await first).__name__ == "KeysQueryResponse"
+    finally:
+        await proxy.stop()
