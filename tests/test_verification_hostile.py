@@ -22,7 +22,7 @@ from bot_toolkit.verification.sas import SasSession
 from bot_toolkit.verification.table import Party
 from tests.raw_device import RawDevice
 from tests.synapse import LocalSynapse
-from tests.verification_helpers import Bot, auto_confirm, running_bot
+from tests.verification_helpers import Bot, auto_confirm, bot_took, running_bot
 
 pytestmark = [pytest.mark.synapse, pytest.mark.timeout(180)]
 
@@ -101,7 +101,8 @@ async def test_unknown_transactions(bot: Bot, mallory: RawDevice) -> None:
     await _send(mallory, bot, "start", start)
     await _wait_for(mallory, bot, "cancel", "nope-key")
     await _wait_for(mallory, bot, "accept", "nope-start")
-    await mallory.drain(quiet=1.5)
+    await bot_took(bot, {"key": 1, "cancel": 1, "start": 1})
+    await mallory.drain()
     assert [c["code"] for c in _from_bot(mallory, bot, "cancel", "nope-key")] == [
         "m.unknown_transaction"
     ]
@@ -128,7 +129,8 @@ async def test_wrong_sender(synapse: LocalSynapse, bot: Bot, mallory: RawDevice)
         assert [c["code"] for c in _from_bot(mallory, bot, "cancel", "victim")] == [
             "m.user_mismatch"
         ]
-        await alice.drain(quiet=1.0)
+        await bot_took(bot, {"request": 1, "key": 1})
+        await alice.drain()
         assert _from_bot(alice, bot, "cancel", "victim") == []
         assert bot.manager.state_of("victim") is State.READY  # the intruder cannot end it
     finally:
@@ -155,7 +157,8 @@ async def test_flood_of_requests_from_one_device(bot: Bot, mallory: RawDevice) -
     for i in range(n):
         await _send(mallory, bot, "request", _request(mallory, f"flood-{i}"))
     await mallory.sync_until(lambda _evs: len(_from_bot(mallory, bot, "cancel")) >= CAP, within=T)
-    await mallory.drain(quiet=2.0)
+    await bot_took(bot, {"request": n})
+    await mallory.drain()
     # flood-0 was either answered and then cancelled, or refused while its keys were queried.
     assert bot.manager.state_of("flood-0") in (None, State.CANCELLED)
     cancels = _from_bot(mallory, bot, "cancel")
@@ -209,7 +212,8 @@ async def test_start_race_same_method(
             await _send(mallory, bot, "start", theirs)
             await _wait_for(mallory, bot, "start", txn)
             if bot_wins:
-                await mallory.drain(quiet=1.5)
+                await bot_took(bot, {"ready": 1, "start": 1})
+                await mallory.drain()
                 assert _from_bot(mallory, bot, "accept", txn) == []
                 assert bot.manager.state_of(txn) is State.STARTED_OUT
             else:

@@ -282,6 +282,42 @@ async def settle(*sides: Side, within: float = 10.0) -> None:
         raise AssertionError(f"still busy after {within}s: {busy}") from None
 
 
+async def bot_took(bot: Bot, counts: dict[str, int], *, within: float = 30.0) -> None:
+    """Wait (bounded) until the running bot's dispatcher has taken at least ``counts[kind]``
+    ``m.key.verification.<kind>`` events in all, then until it is settled (:func:`settle_bot`).
+
+    A peer that then syncs sees everything the bot will send about those events, so a check
+    that the bot sent nothing is final (a quiet period of the peer's sync would only guess)."""
+
+    def taken(kind: str) -> float:
+        counter = bot.metrics.get("events_dispatched_total")
+        return 0.0 if counter is None else counter.get(f"m.key.verification.{kind}")
+
+    await eventually(
+        lambda: all(taken(kind) >= n for kind, n in counts.items()),
+        within=within,
+        what=f"the bot takes {counts}",
+    )
+    await settle_bot(bot, within=within)
+
+
+async def settle_bot(bot: Bot, *, within: float = 30.0) -> None:
+    """Wait (bounded) until the running bot's dispatcher is idle, no verification task runs and
+    its outbox has delivered everything, all at one moment (each can make work for another)."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                assert await bot.dispatcher.join()
+                tasks = list(bot.manager._engine.tasks)
+                if tasks:
+                    await asyncio.wait(tasks)
+                assert await bot.outbox.flush(within)
+                if bot.dispatcher.idle and not bot.manager._engine.tasks:
+                    return
+    except TimeoutError:
+        raise AssertionError(f"the bot was still busy after {within}s") from None
+
+
 # --------------------------------------------------------------------------------- real bot
 
 
