@@ -38,8 +38,7 @@ class InboundLink:
         self._batch_since: str | None = self._since
         self._pending_token: str | None = None
         self._save: Callable[[str], None] | None = None
-        self._linked = True
-        self._hooks = NioHooks()
+        self._hooks = NioHooks()  # attached: linked
         self._hooks.install(client.store, "save_sync_token", self._wrap_save)
         self._unlisten = plugin.dispatcher.add_handled_listener(self._handled)
 
@@ -47,7 +46,7 @@ class InboundLink:
         self._save = original
 
         def save_sync_token(token: str) -> None:
-            if not self._linked:
+            if not self._hooks.attached:
                 original(token)
                 return
             # nio calls this before it handles the batch: keep the token until the commit.
@@ -95,7 +94,7 @@ class InboundLink:
 
     def _handled(self, event: object) -> None:
         eid = getattr(event, "inbound_id", None)
-        if isinstance(eid, str) and self._linked:
+        if isinstance(eid, str) and self._hooks.attached:
             self.queue.ack(eid)
 
     async def replay(self) -> int:
@@ -112,7 +111,6 @@ class InboundLink:
 
     def unlink(self) -> None:
         """Stop holding tokens back (nio saves them itself again) and stop acknowledging."""
-        self._linked = False
         self._hooks.undo()
         self._unlisten()
         if self._pending_token is not None and self._save is not None:

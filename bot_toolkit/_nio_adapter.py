@@ -472,12 +472,25 @@ def _owner_of(obj: object) -> str:
 
 
 class NioHooks:
-    """Patches of nio instances, checked against :data:`CONTRACT` as they are installed."""
+    """Patches of nio instances, checked against :data:`CONTRACT` as they are installed.
 
-    __slots__ = ("_hooks",)
+    The set is *attached* from its creation until :meth:`undo`: a wrapper that may still be
+    called after (nio kept a reference to it, or another wrapper above it) checks
+    :attr:`attached` and passes the call through. :meth:`follow_olm` tells when nio made a new
+    Olm machine whose methods need hooking too.
+    """
+
+    __slots__ = ("_attached", "_hooks", "_olm")
 
     def __init__(self) -> None:
         self._hooks = HookSet()
+        self._attached = True
+        self._olm: object | None = None
+
+    @property
+    def attached(self) -> bool:
+        """``True`` until :meth:`undo`."""
+        return self._attached
 
     def install(self, obj: object, name: str, make: Callable[[Any], Any]) -> None:
         """Replace ``obj.name`` (an instance of a contract owner) by ``make(current)``.
@@ -503,9 +516,20 @@ class NioHooks:
             )
         self._hooks.patch(obj, name, make)
 
+    def follow_olm(self, olm: object | None) -> bool:
+        """Whether ``olm`` (the client's ``olm`` now) is an Olm machine to hook: ``True`` once
+        per machine while attached. nio makes a new machine when it loads its store (login,
+        ``restore_login``), so a hook of the old one would no longer be called."""
+        if olm is None or olm is self._olm or not self._attached:
+            return False
+        self._olm = olm
+        return True
+
     def undo(self) -> None:
-        """Remove every hook, last installed first (idempotent)."""
+        """Remove every hook, last installed first, and forget the Olm machine (idempotent)."""
+        self._attached = False
         self._hooks.undo()
+        self._olm = None
 
     def __len__(self) -> int:
         return len(self._hooks)

@@ -1,5 +1,6 @@
 """The one tracked task set: background tasks kept referenced until they finish, their failures
-logged (and counted) instead of lost, and a way to wait for or cancel all of them."""
+logged (and counted) instead of lost, and a way to wait for (:meth:`TaskSet.join`, which never
+cancels) or cancel (:meth:`TaskSet.cancel`, bounded if asked) all of them."""
 
 from __future__ import annotations
 
@@ -59,15 +60,38 @@ class TaskSet:
     def __iter__(self) -> Iterator[asyncio.Task[Any]]:
         return iter(tuple(self._tasks))
 
-    async def join(self) -> None:
-        """Wait until the tasks running now, and any they start, have finished."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def join(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until the tasks running now, and any they start, have finished.
 
-    async def cancel(self) -> None:
-        """Cancel every task and wait for them to end."""
+        Returns ``True`` once none runs (at once if none does), ``False`` if some still run
+        after ``timeout`` seconds (``None``: no limit). Waiting never cancels a task: neither
+        the timeout nor a cancellation of the caller does.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while self._tasks:
+                    await asyncio.wait(tuple(self._tasks))
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel(self, grace: float | None = None) -> int:
+        """Cancel every task and wait for them to end.
+
+        Args:
+            grace: the longest wait, in seconds (``None``: no limit). Tasks still running then
+                (they ignored the cancellation) are left running, logged as ``"<n> <what> tasks
+                ignored cancellation"`` and counted in the result.
+
+        Returns:
+            How many tasks were still running after ``grace`` (0 without a limit).
+        """
         tasks = tuple(self._tasks)
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return 0
+        _, stuck = await asyncio.wait(tasks, timeout=grace)
+        if stuck:
+            self._logger.error("%d %s tasks ignored cancellation", len(stuck), self.what)
+        return len(stuck)

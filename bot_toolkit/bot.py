@@ -63,6 +63,7 @@ from nio import (
     SyncResponse,
 )
 
+from bot_toolkit._tasks import TaskSet
 from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
 from bot_toolkit.identity import Identity, identity_for
@@ -197,7 +198,7 @@ class Bot:
         self.http: HttpServer | None = None
         self.identity: IdentityStartup | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks = TaskSet(log, "bot")  # identity startup, user trust
         self._dm_rooms: dict[str, str] = {}
         self._attempt = 0
         m = self.metrics
@@ -635,11 +636,9 @@ class Bot:
         self.state.identity = startup.detail
         if self.toolkit is not None and cfg.from_own_devices:
             self.toolkit.take_keys_from_own_devices()
-        self._tasks.append(asyncio.create_task(startup.run(), name="bot_toolkit.bot.identity"))
-        self._tasks.append(
-            asyncio.create_task(
-                self._enable_user_trust(startup.identity), name="bot_toolkit.bot.user_trust"
-            )
+        self._tasks.spawn(startup.run(), name="bot_toolkit.bot.identity")
+        self._tasks.spawn(
+            self._enable_user_trust(startup.identity), name="bot_toolkit.bot.user_trust"
         )
 
     async def _enable_user_trust(self, identity: Identity) -> None:
@@ -767,12 +766,7 @@ class Bot:
 
     async def _shutdown(self) -> None:
         """Drain, flush, close; each step bounded and independent of the others."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await self._tasks.cancel()
         if self.toolkit is not None:
             if self.plugins.running:
                 # The plugins' stop hooks run once their handlers are done (the toolkit's own

@@ -201,7 +201,7 @@ class Dispatcher:
         self._idle: deque[asyncio.Future[None]] = deque()  # idle workers
         self._putters: deque[asyncio.Future[None]] = deque()  # put() calls waiting for room
         self._tasks = TaskSet(logger, "dispatcher")  # workers, watchdog, sibling handlers
-        self._workers: set[asyncio.Task[Any]] = set()
+        self._workers: list[asyncio.Task[Any]] = []  # also in _tasks
         self._deadlines: dict[asyncio.Task[Any], float] = {}  # task -> when its handler expires
         self._expired: dict[asyncio.Task[Any], int] = {}  # task -> cancels the watchdog issued
         self._started = False
@@ -468,8 +468,7 @@ class Dispatcher:
         self._started = True
         for i in range(self.concurrency):
             worker = self._tasks.spawn(self._worker(), f"bot_toolkit.dispatcher.worker-{i}")
-            self._workers.add(worker)
-            worker.add_done_callback(self._workers.discard)
+            self._workers.append(worker)
         if self.handler_timeout is not None:
             watchdog = self._watchdog(self.handler_timeout)
             self._tasks.spawn(watchdog, "bot_toolkit.dispatcher.watchdog")
@@ -498,9 +497,9 @@ class Dispatcher:
                     waiter.set_result(None)  # idle workers see _closed and exit
             self._idle.clear()
             if self._workers:
-                await asyncio.wait(set(self._workers), timeout=timeout)
+                await asyncio.wait(self._workers, timeout=timeout)
             abandoned = self._queued + self._in_flight
-            await self._cancel_all()
+            await self._tasks.cancel(grace=_CANCEL_GRACE)
         except BaseException:
             for task in self._tasks:
                 task.cancel()
@@ -521,16 +520,6 @@ class Dispatcher:
             )
         result.set_result(summary)
         return summary
-
-    async def _cancel_all(self) -> None:
-        tasks = set(self._tasks)
-        if not tasks:
-            return
-        for task in tasks:
-            task.cancel()
-        _, stuck = await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
-        if stuck:
-            logger.error("%d dispatcher tasks ignored cancellation", len(stuck))
 
     async def __aenter__(self) -> Dispatcher:
         await self.start()

@@ -222,9 +222,7 @@ class KeySharing:
             "(what: key_request, no_olm)",
             ["what"],
         )
-        self._attached = True
         self._hooks = NioHooks()
-        self._olm: Any = None
         self._tasks = TaskSet(
             log, "key sharing background", lambda _exc: self._m_errors.inc("background")
         )
@@ -236,7 +234,7 @@ class KeySharing:
             limited=self._m_limited,
             clock=clock,
             policy=lambda: self.policy,
-            attached=lambda: self._attached,
+            attached=lambda: self._hooks.attached,
             own=self._own,
             spawn=self._spawn,
             on_error=self._error,
@@ -276,15 +274,11 @@ class KeySharing:
     @property
     def attached(self) -> bool:
         """Whether the hooks are active."""
-        return self._attached
+        return self._hooks.attached
 
     def detach(self) -> None:
         """Remove the hooks (idempotent). Dispatcher handlers stay registered but do nothing."""
-        if not self._attached:
-            return
-        self._attached = False
         self._hooks.undo()
-        self._olm = None
 
     async def close(self) -> None:
         """Detach and wait for background ledger updates to finish."""
@@ -338,9 +332,8 @@ class KeySharing:
 
     def _install_olm_hooks(self) -> None:
         olm = self.client.olm
-        if olm is None or olm is self._olm:
+        if not self._hooks.follow_olm(olm):
             return
-        self._olm = olm
         hooks, recipients = self._hooks, self._recipients
         hooks.install(
             olm, "should_share_group_session", lambda o: recipients.wrap_should_share(olm, o)
@@ -354,7 +347,7 @@ class KeySharing:
 
     def _wrap_share(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def share_group_session(room_id: str, ignore_unverified_devices: bool = False) -> Any:
-            if not self._attached:
+            if not self._hooks.attached:
                 return await original(room_id, ignore_unverified_devices=ignore_unverified_devices)
             self._hook_olm()
             if self.policy.share_with is not ShareWith.VERIFIED or self.cross_signing is not None:

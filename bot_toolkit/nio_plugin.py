@@ -202,7 +202,7 @@ class NioPlugin:
         self.intercept_verification = intercept_verification
         self.metrics = metrics or getattr(dispatcher, "metrics", None) or Metrics()
         m = self.metrics
-        self._attached = True
+        self._hooks = NioHooks()
         self._inbound: InboundLink | None = None
         self._handover = Handover(
             dispatcher,
@@ -216,7 +216,7 @@ class NioPlugin:
         )
         self._payloads = OlmPayloadHooks(
             m,
-            attached=lambda: self._attached,
+            attached=lambda: self._hooks.attached,
             on_error=self._error,
             decode=self._decoder.decode,
             emit=self._handover.emit,
@@ -232,15 +232,13 @@ class NioPlugin:
             "Verification events kept from nio's built-in SAS",
             ["event_type"],
         )
-        self._hooks = NioHooks()
-        self._olm: Any = None
         self._unparsed: deque[object] = deque()
         self._key_queries = KeyQueryGuard(
             client,
             m,
             errors=self._m_errors,
             on_error=self._error,
-            attached=lambda: self._attached,
+            attached=lambda: self._hooks.attached,
         )
         try:
             self._hooks.install(client, "_handle_to_device", self._wrap_batch)
@@ -254,7 +252,7 @@ class NioPlugin:
     @property
     def attached(self) -> bool:
         """Whether the hooks are active."""
-        return self._attached
+        return self._hooks.attached
 
     @property
     def dispatch_undecodable(self) -> bool:
@@ -278,11 +276,9 @@ class NioPlugin:
 
     def detach(self) -> None:
         """Remove the hooks (idempotent); nio behaves as before :func:`attach` again."""
-        if not self._attached:
+        if not self._hooks.attached:
             return
-        self._attached = False
         self._hooks.undo()
-        self._olm = None
         if self._inbound is not None:
             self._inbound.unlink()
 
@@ -354,9 +350,8 @@ class NioPlugin:
         """Wrap the methods of ``client.olm`` (raises :class:`NioHookError` when one is missing
         or changed: at attach time that fails :func:`attach`)."""
         olm = self.client.olm
-        if olm is None or olm is self._olm:
+        if not self._hooks.follow_olm(olm):
             return
-        self._olm = olm
         payloads = self._payloads
         self._hooks.install(
             olm, "_verify_olm_payload", lambda orig: payloads.wrap_verify(olm, orig)
@@ -368,7 +363,7 @@ class NioPlugin:
 
     def _wrap_batch(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         async def handle_to_device(response: Any) -> None:
-            if not self._attached:
+            if not self._hooks.attached:
                 await original(response)
                 return
             self._hook_olm()
@@ -384,7 +379,7 @@ class NioPlugin:
 
     def _wrap_event(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         def handle_decrypt_to_device(event: Any) -> Any:
-            if not self._attached:
+            if not self._hooks.attached:
                 return original(event)
             self._hook_olm()
             self._handover.next_wire_event()
@@ -427,7 +422,7 @@ class NioPlugin:
 
     def _wrap_verification(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         def handle_key_verification(event: Any) -> None:
-            if not self._attached:
+            if not self._hooks.attached:
                 original(event)
                 return
             self._m_intercepted.inc(type(event).__name__)

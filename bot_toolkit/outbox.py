@@ -457,6 +457,12 @@ class Outbox:
         """Requests not yet accepted or refused (persisted ones included)."""
         return len(self._requests)
 
+    @property
+    def idle(self) -> bool:
+        """Whether every request is accepted or refused and the store is up to date (what
+        :meth:`flush` waits for)."""
+        return self._idle.is_set()
+
     def pending_messages(self) -> int:
         """Messages waiting: queued, being stored, or being sent."""
         queued = sum(s.count for s in self._submissions)

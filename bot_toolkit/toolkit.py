@@ -39,6 +39,9 @@ Closing: the dispatcher first (nothing new comes in, running handlers finish for
 store, the HTTP transport (one the toolkit made) and finally the client. A step that fails is
 logged and the others still run. Every part counts into one
 :class:`~bot_toolkit.metrics.Metrics` registry (:attr:`BotToolkit.metrics`).
+
+Testing a bot: ``await bot.join(timeout)`` returns once every part has nothing left to run
+(:attr:`BotToolkit.idle`), so a check after it ("nothing was sent") is final.
 """
 
 from __future__ import annotations
@@ -318,6 +321,46 @@ class BotToolkit:
             dispatcher.register(VerificationDone, requests.on_verification_done)
             self._secret_requests = requests
         return self._secret_requests
+
+    @property
+    def idle(self) -> bool:
+        """``True`` while nothing is left to do at this moment: no event queued or being
+        handled (the dispatcher), no verification or key-sharing background work, nothing
+        waiting in the outbox. Always ``True`` once :meth:`close` has run.
+
+        Incoming events (a sync) can make it ``False`` again: a check after :meth:`join` is
+        final for what arrived before it.
+        """
+        if self._state == "closed":
+            return True
+        return (
+            self._dispatcher.idle
+            and (self._manager is None or self._manager.idle)
+            and (self._sharing is None or not self._sharing.busy)
+            and (self._outbox is None or self._outbox.idle)
+        )
+
+    async def join(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until :attr:`idle`: each part in turn (a handled event may start a verification
+        task, whose answer goes to the outbox...) until all are idle at one moment.
+
+        Returns ``True`` once idle, ``False`` if still busy after ``timeout`` seconds (``None``:
+        no limit; nothing is cancelled). For tests: after ``await bot.join(10)`` everything the
+        bot will send about the events it has taken is sent, so "nothing was sent" is final.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.idle:
+                    await self._dispatcher.join()
+                    if self._manager is not None:
+                        await self._manager.join()
+                    if self._sharing is not None:
+                        await self._sharing.join()
+                    if self._outbox is not None:
+                        await self._outbox.flush(None)
+        except TimeoutError:
+            return False
+        return True
 
     def _part(self, part: P | None, name: str) -> P:
         if part is None:

@@ -1,4 +1,5 @@
-"""The shared mechanisms that exist once: BoundedMap, TaskSet, DecodeErrorReporter, HookSet."""
+"""The shared mechanisms that exist once: BoundedMap, TaskSet, DecodeErrorReporter, HookSet
+(and NioHooks, the nio adapter's hook set on top of it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from bot_toolkit._bounded import BoundedMap
 from bot_toolkit._decode_report import DecodeErrorReporter
+from bot_toolkit._nio_adapter import NioHooks
 from bot_toolkit._patching import HookSet
 from bot_toolkit._tasks import TaskSet
 from bot_toolkit.events import DecodeError
@@ -56,6 +58,47 @@ async def test_task_set_keeps_logs_counts_and_joins(caplog: pytest.LogCaptureFix
     assert hang.cancelled() and len(tasks) == 0
 
 
+async def test_task_set_join_with_a_timeout_cancels_nothing() -> None:
+    tasks = TaskSet(logging.getLogger("test.tasks"), "test")
+    gate = asyncio.Event()
+    waiting = tasks.spawn(gate.wait(), name="waiting")
+    assert await tasks.join(0) is False
+    assert await tasks.join(0.01) is False
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tasks.join(), 0.01)  # the caller of join is cancelled ...
+    assert not waiting.done() and len(tasks) == 1  # ... and the task runs on
+    gate.set()
+    assert await tasks.join(5) is True
+    assert waiting.done() and not waiting.cancelled() and len(tasks) == 0
+    assert await tasks.join(0) is True  # at once when none runs
+
+
+async def test_task_set_cancel_with_grace_reports_tasks_that_ignore_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = TaskSet(logging.getLogger("test.tasks"), "test")
+    started, release, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        while True:
+            try:
+                await release.wait()
+                return
+            except asyncio.CancelledError:
+                cancelled.set()  # swallowed: goes on waiting
+
+    obedient = tasks.spawn(asyncio.Event().wait(), name="obedient")
+    stuck = tasks.spawn(stubborn(), name="stubborn")
+    await asyncio.wait_for(started.wait(), 5)
+    assert await tasks.cancel(grace=0.01) == 1
+    assert obedient.cancelled() and cancelled.is_set() and not stuck.done()
+    assert "1 test tasks ignored cancellation" in caplog.text
+    release.set()
+    assert await tasks.join(5) and len(tasks) == 0
+    assert await tasks.cancel(grace=0.01) == 0  # nothing left to cancel
+
+
 def test_decode_error_reporter_counts_all_and_logs_each_distinct_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -85,3 +128,18 @@ def test_hook_set_undoes_last_first() -> None:
     assert obj.f() == "original" and len(hooks) == 0
     hooks.undo()  # idempotent
     assert obj.f() == "original"
+
+
+def test_nio_hooks_know_whether_attached_and_follow_each_olm_machine_once() -> None:
+    hooks = NioHooks()
+    assert hooks.attached
+    first, second = object(), object()
+    assert not hooks.follow_olm(None)  # before login: no machine yet
+    assert hooks.follow_olm(first)
+    assert not hooks.follow_olm(first)  # hooked already
+    assert hooks.follow_olm(second)  # nio made a new machine (store loaded again)
+    hooks.undo()
+    assert not hooks.attached
+    assert not hooks.follow_olm(first)  # detached: a late wrapper call hooks nothing
+    hooks.undo()  # idempotent
+    assert not hooks.attached

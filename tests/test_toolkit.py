@@ -166,6 +166,54 @@ async def test_the_outbox_sends_through_a_given_transport(
         await close_clients(client)
 
 
+class GatedTransport(RecordingTransport):
+    """Records each request once ``gate`` is set (the homeserver answers late)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def send_to_device(self, event_type: str, txn_id: str, messages: Any) -> None:
+        await self.gate.wait()
+        await super().send_to_device(event_type, txn_id, messages)
+
+
+@pytest.mark.synapse
+async def test_join_waits_for_the_handlers_and_then_the_outbox(
+    synapse: LocalSynapse, tmp_path: Path
+) -> None:
+    """``idle`` / ``join()`` cover every part at once: a handled event's send still waiting in
+    the outbox keeps the bot busy; a join that times out cancels nothing."""
+    client = await make_client(synapse, tmp_path)
+    transport = GatedTransport()
+    toolkit = BotToolkit(client, tmp_path / "data", key_sharing=None, transport=transport)
+    handling = asyncio.Event()
+    messages = {"@peer:test": {"PEERDEV": {"n": 1}}}
+
+    @toolkit.on(Ping)
+    async def sender(event: Ping) -> None:
+        await handling.wait()
+        await toolkit.outbox.send("org.example.joined", messages)
+
+    try:
+        async with toolkit:
+            assert toolkit.idle and await toolkit.join(0)
+            assert toolkit.dispatcher.put_nowait(Ping(1))
+            assert not toolkit.idle
+            assert not await toolkit.join(0.01)  # the handler waits
+            handling.set()
+            assert await toolkit.dispatcher.join(T)
+            assert not toolkit.idle  # the dispatcher is, the outbox is not
+            assert not await toolkit.join(0.01)
+            transport.gate.set()
+            assert await toolkit.join(T)
+            assert toolkit.idle
+            assert [r[2] for r in transport.requests] == [messages]
+        assert toolkit.idle  # closed
+    finally:
+        await close_clients(client)
+
+
 @pytest.mark.synapse
 async def test_close_drains_handlers_before_the_outbox(
     synapse: LocalSynapse, tmp_path: Path

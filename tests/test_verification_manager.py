@@ -18,6 +18,7 @@ from bot_toolkit.outbox import OutboxClosed
 from bot_toolkit.store import Store
 from bot_toolkit.undecodable import UndecodableEvent
 from bot_toolkit.verification import (
+    SasPrompt,
     SasReady,
     State,
     VerificationCancelled,
@@ -795,6 +796,31 @@ async def test_confirm_task_failure_is_logged_and_counted(
         assert isinstance(record.exc_info[1], OutboxClosed)
     finally:
         await close_sides(a, b)
+
+
+async def test_idle_and_join_cover_a_confirmation_still_running(clock: FakeClock) -> None:
+    """``idle`` / ``join()``: the public way to know no confirmation (or trust refresh) runs.
+
+    A join that times out cancels nothing: the confirmation goes on and the flow finishes."""
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def confirm(prompt: SasPrompt) -> bool:
+        asked.set()
+        await answer.wait()
+        return True
+
+    slow = VerificationPolicy(allowed_users=["@*:test"], confirm=confirm)
+    async with wired_sides(clock, alice=slow) as (a, b):
+        assert a.manager.idle and await a.manager.join(0)
+        txn = await b.manager.request_verification(a.user_id, a.device_id)
+        await asyncio.wait_for(asked.wait(), 10)
+        assert not a.manager.idle
+        assert not await a.manager.join(0.01)  # still asking: not idle, not cancelled
+        answer.set()
+        assert await a.manager.join(10)
+        assert a.manager.idle
+        await settle(a, b)
+        assert _done(a, txn) and _done(b, txn)
 
 
 def test_metric_code_label_is_bounded() -> None:

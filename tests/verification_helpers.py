@@ -267,18 +267,18 @@ async def settle(*sides: Side, within: float = 10.0) -> None:
     every part idle. What a check after it looks at ("nothing was sent") is then final, however
     slow the machine. A part that never goes idle fails the test after ``within`` seconds.
     """
+
+    def idle(side: Side) -> bool:
+        return side.dispatcher.idle and side.manager.idle
+
     try:
         async with asyncio.timeout(within):
-            while True:
-                tasks = [task for side in sides for task in side.manager._engine.tasks]
-                if not tasks and all(side.dispatcher.idle for side in sides):
-                    return
+            while not all(idle(side) for side in sides):
                 for side in sides:
                     await side.dispatcher.join()
-                if tasks:
-                    await asyncio.wait(tasks)
+                    await side.manager.join()
     except TimeoutError:
-        busy = [s.name for s in sides if s.manager._engine.tasks or not s.dispatcher.idle]
+        busy = [s.name for s in sides if not idle(s)]
         raise AssertionError(f"still busy after {within}s: {busy}") from None
 
 
@@ -302,20 +302,11 @@ async def bot_took(bot: Bot, counts: dict[str, int], *, within: float = 30.0) ->
 
 
 async def settle_bot(bot: Bot, *, within: float = 30.0) -> None:
-    """Wait (bounded) until the running bot's dispatcher is idle, no verification task runs and
-    its outbox has delivered everything, all at one moment (each can make work for another)."""
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                assert await bot.dispatcher.join()
-                tasks = list(bot.manager._engine.tasks)
-                if tasks:
-                    await asyncio.wait(tasks)
-                assert await bot.outbox.flush(within)
-                if bot.dispatcher.idle and not bot.manager._engine.tasks:
-                    return
-    except TimeoutError:
-        raise AssertionError(f"the bot was still busy after {within}s") from None
+    """Wait (bounded) until the running bot is idle (:meth:`BotToolkit.join`): its dispatcher,
+    verification and key sharing have nothing left to run and its outbox has delivered
+    everything, all at one moment (each can make work for another)."""
+    if not await bot.toolkit.join(within):
+        raise AssertionError(f"the bot was still busy after {within}s")
 
 
 # --------------------------------------------------------------------------------- real bot
@@ -332,7 +323,7 @@ class Bot:
     manager: VerificationManager
     metrics: Metrics
     lifecycle: list[object]
-    toolkit: Any = None
+    toolkit: BotToolkit
 
     @property
     def user_id(self) -> str:

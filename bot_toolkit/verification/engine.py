@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
+from .._tasks import TaskSet
 from .._types import DeviceId, TransactionId
 from ..dispatcher import Dispatcher, DispatcherClosed
 from ..events import (
@@ -142,8 +143,6 @@ class Engine:
         self._limiter = ErrorReplyLimiter(
             limit=max(1, policy.max_error_replies), window=policy.error_window, clock=clock
         )
-        self.tasks: set[asyncio.Task[Any]] = set()
-        """Running confirmation callbacks (cancelled by the manager's ``close``)."""
         self._m_total = metrics.counter(
             "verifications_total", "Verifications finished", ["outcome", "code"]
         )
@@ -158,28 +157,15 @@ class Engine:
             "Lifecycle events a full dispatcher refused",
             ["event"],
         )
+        self.tasks = TaskSet(log, "verification", lambda _exc: self._m_task_errors.inc())
+        """Running confirmation callbacks and trust refreshes (cancelled by the manager's
+        ``close``); a failure is logged with the task's name (it holds the transaction id)
+        and counted in ``verification_task_errors_total``."""
 
     def us(self) -> Party:
         """Our user and device."""
         user, device, _ = self.keys.own()
         return Party(user, device)
-
-    def spawn(self, coro: Awaitable[Any], name: str, txn: str) -> None:
-        """Run ``coro`` in the background; its failure is logged and counted."""
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self.tasks.add(task)
-
-        def done(task: asyncio.Future[Any]) -> None:
-            self.tasks.discard(task)
-            if task.cancelled():
-                return
-            exc = task.exception()
-            if exc is not None:
-                self._m_task_errors.inc()
-                log.error("verification %s: task %s failed", txn, name, exc_info=exc)
-
-        task.add_done_callback(done)
 
     def emit(self, event: object) -> None:
         try:
@@ -519,7 +505,7 @@ class Engine:
             log.info("verification %s: SAS shown, waiting for the operator", t.txn)
             return
         prompt = SasPrompt(t.txn, t.peer_user, t.peer_device, t.emoji, t.decimals)
-        self.spawn(self._ask(confirm, prompt), f"confirm {t.txn}", t.txn)
+        self.tasks.spawn(self._ask(confirm, prompt), f"confirm {t.txn}")
 
     async def _ask(self, confirm: ConfirmCallback, prompt: SasPrompt) -> None:
         try:

@@ -59,7 +59,8 @@ Metrics: ``verifications_total{outcome,code}`` (outcome ``done`` / ``cancelled``
 done, ``other`` for a code that is not a known ``CancelCode``: peers choose their codes) and
 ``verification_cancels_sent_total{code}``; ``verification_lifecycle_dropped_total`` counts
 lifecycle events a full dispatcher refused, ``verification_task_errors_total`` background
-confirmation tasks that failed (logged with the transaction id).
+tasks (confirmations, trust refreshes) that failed (logged with the transaction id or users).
+:attr:`VerificationManager.idle` / :meth:`VerificationManager.join` tell when none runs.
 
 Logs: each module logs under its own name, ``bot_toolkit.verification.<module>``.
 
@@ -290,15 +291,37 @@ class VerificationManager:
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch.clear()
-        tasks = list(self._engine.tasks)
-        if self._timer_task is not None:
-            tasks.append(self._timer_task)
-            self._timer_task = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        timer, self._timer_task = self._timer_task, None
+        if timer is not None:
+            timer.cancel()
+        await self._engine.tasks.cancel()
+        if timer is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await timer
+
+    @property
+    def idle(self) -> bool:
+        """``True`` while no background work of the manager runs: no confirmation callback
+        (``VerificationPolicy.confirm``) is being awaited or acted on, no trust refresh runs.
+
+        Verification events themselves are handled by the dispatcher's handlers: a test that
+        wants "nothing more will happen" waits for both (see :meth:`join`). The timeout timer
+        is not background work (it always runs).
+        """
+        return not self._engine.tasks
+
+    async def join(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until :attr:`idle`: the background work running now, and any it starts, has
+        finished (a failure is logged and counted, not raised).
+
+        Returns ``True`` once idle (at once if it already is), ``False`` if work still runs
+        after ``timeout`` seconds (``None``: no limit; nothing is cancelled). Like
+        :meth:`Dispatcher.join <bot_toolkit.dispatcher.Dispatcher.join>`, which covers the
+        handlers: the two feed each other (a handled event starts a confirmation, whose answer
+        is sent and becomes the peer's event), so settle them together by joining each in turn
+        until both are idle at once.
+        """
+        return await self._engine.tasks.join(timeout)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -387,7 +410,9 @@ class VerificationManager:
             return
         users = [u for u in user_ids if trust.is_verified(u)]
         if users:
-            self._engine.spawn(trust.refresh(users), "user trust refresh", ",".join(users)[:200])
+            self._engine.tasks.spawn(
+                trust.refresh(users), "user trust refresh " + ",".join(users)[:200]
+            )
 
     @property
     def user_trust(self) -> UserTrust | None:
