@@ -36,46 +36,39 @@ Fatal problems (the homeserver refuses the credentials, the data directory is un
 port cannot be bound) raise :class:`BotError` with a one-line message; the CLI turns it into
 exit code 1. Access tokens and passwords are never logged: the token learnt at login is added to
 the log redactor at once.
+
+This module is the process lifecycle and the wiring; its parts (standalone-bot modules, never
+imported by the library) are :mod:`bot_toolkit._bot_login` (login and ``session.json``),
+:mod:`bot_toolkit._bot_homeserver` (fatal vs transient failures, backoff, raw requests),
+:mod:`bot_toolkit._bot_sync` (the sync loop, joining invites) and
+:mod:`bot_toolkit._bot_sas_dm` (the SAS posted for the peer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import secrets
 import signal
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Final, TypeVar
-from urllib.parse import quote
+from typing import Any, Final
 
 import aiohttp
-from nio import (
-    AsyncClient,
-    JoinResponse,
-    KeysUploadResponse,
-    LocalProtocolError,
-    LoginResponse,
-    SyncResponse,
-)
+from nio import AsyncClient
 
+from bot_toolkit._bot_homeserver import Backoff, BotError, Homeserver, describe
+from bot_toolkit._bot_login import NIO_DIR, SESSION_FILE, BotLogin
+from bot_toolkit._bot_sas_dm import SasDm
+from bot_toolkit._bot_sync import SyncLoop
 from bot_toolkit._tasks import TaskSet
 from bot_toolkit.config import BotConfig
 from bot_toolkit.http_api import BotState, HttpServer, VerificationInfo, make_app
 from bot_toolkit.identity import Identity, identity_for
 from bot_toolkit.identity.startup import IdentityOptions, IdentityStartup
-from bot_toolkit.install_secret import (
-    STORE_KEY_FILE,
-    STORE_PASSPHRASE_ENV,
-    store_secret,
-)
-from bot_toolkit.logging_setup import active_redactor
 from bot_toolkit.metrics import Metrics
-from bot_toolkit.nio_client import WrongStoreSecret, client_config, restore_client
 from bot_toolkit.plugin_host import Plugin, PluginHost, load_plugins
 from bot_toolkit.sas_notice import sas_notice
 from bot_toolkit.session import Session
@@ -102,34 +95,10 @@ __all__ = [
 
 log = logging.getLogger("bot_toolkit.bot")
 
-SESSION_FILE: Final = "session.json"
-NIO_DIR: Final = "nio"
 STORE_FILE: Final = "bot_toolkit.sqlite3"
 
-_FIRST_RETRY: Final = 1.0
 _DRAIN_TIMEOUT: Final = 10.0
 _HANDLER_TIMEOUT: Final = 60.0
-_HTTP_TIMEOUT: Final = 30.0
-_CLIENT_OPTIONS: Final = {
-    "max_timeouts": 0,  # a connection error reaches our own retry loop at once
-    "request_timeout": _HTTP_TIMEOUT,
-}
-_FATAL_ERRCODES: Final = frozenset(
-    {"M_FORBIDDEN", "M_USER_DEACTIVATED", "M_INVALID_USERNAME", "M_UNKNOWN_TOKEN"}
-)
-
-T = TypeVar("T")
-
-
-class BotError(RuntimeError):
-    """A fatal problem the bot cannot retry its way out of; ``str()`` is one line."""
-
-    one_line: ClassVar[bool] = True
-    """The message says it all: the CLI logs and prints it without a traceback."""
-
-
-class _Transient(Exception):
-    """The homeserver cannot be used right now (retry with backoff)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -153,11 +122,6 @@ class _ControllerProxy:
         if self.manager is None:
             raise KeyError(verification_id)
         return await self.manager.cancel(verification_id)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 # ----------------------------------------------------------------------------- the bot
@@ -198,9 +162,8 @@ class Bot:
         self.http: HttpServer | None = None
         self.identity: IdentityStartup | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._homeserver: Homeserver | None = None
         self._tasks = TaskSet(log, "bot")  # identity startup, user trust
-        self._dm_rooms: dict[str, str] = {}
-        self._attempt = 0
         m = self.metrics
         self._m_syncs = m.counter("syncs_total", "Successful /sync requests")
         self._m_sync_errors = m.counter(
@@ -209,6 +172,7 @@ class Bot:
         self._m_dm = m.counter(
             "sas_dm_posts_total", "SAS posted in a direct room (result: sent, failed)", ["result"]
         )
+        self._backoff = Backoff(self.state, config.matrix.retry_max_delay, self._m_sync_errors)
 
     # ------------------------------------------------------------------ running
 
@@ -302,197 +266,22 @@ class Bot:
         self.http = server
 
     async def _main(self) -> None:
-        self._session = aiohttp.ClientSession()
+        self._open_session()
         await self._login()
         await self._build()
         await self.plugins.start()
-        await self._sync_loop()
+        await self._sync()
 
-    # ------------------------------------------------------------------ retries
-
-    async def _backoff(self, what: str, exc: BaseException | str) -> None:
-        """Record the failure for /readyz and sleep (exponential, capped, jittered)."""
-        reason = exc if isinstance(exc, str) else _describe(exc)
-        self.state.last_error = f"{what}: {reason}"
-        self._attempt += 1
-        cap = self.config.matrix.retry_max_delay
-        delay = min(cap, _FIRST_RETRY * 2 ** min(self._attempt - 1, 30))
-        delay = min(cap, delay * random.uniform(0.8, 1.2))
-        log.warning("%s failed (%s); retrying in %.1fs", what, reason, delay)
-        await asyncio.sleep(delay)
-
-    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()`` until it does not raise :class:`_Transient` (or a network error)."""
-        while True:
-            try:
-                result = await attempt()
-            except (_Transient, aiohttp.ClientError, OSError, TimeoutError) as e:
-                self._m_sync_errors.inc(what)
-                await self._backoff(what, e)
-                continue
-            self._attempt = 0
-            return result
-
-    async def _request(
-        self, method: str, path: str, body: Any = None, *, token: str | None = None
-    ) -> tuple[int, Any]:
-        """One JSON request to the homeserver: (status, body). Network errors raise."""
-        assert self._session is not None
-        url = self.config.matrix.homeserver + path
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self._session.request(
-            method,
-            url,
-            json=body,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=_HTTP_TIMEOUT),
-            allow_redirects=False,
-        ) as resp:
-            text = await resp.text()
-            try:
-                data = json.loads(text) if text else {}
-            except ValueError:
-                data = {}
-            return resp.status, data
-
-    # ------------------------------------------------------------------ login
-
-    def _new_client(self, device_id: str | None) -> AsyncClient:
-        m = self.config.matrix
-        return AsyncClient(
-            m.homeserver,
-            m.user_id,
-            device_id=device_id,
-            store_path=str(self.data_dir / NIO_DIR),
-            config=client_config(self._store_secret(), **_CLIENT_OPTIONS),
-        )
-
-    async def _whoami(self, token: str) -> tuple[str, str | None] | None:
-        """(user id, device id) of a token; None when the homeserver refuses it."""
-        status, body = await self._request("GET", "/_matrix/client/v3/account/whoami", token=token)
-        if status in (401, 403):
-            return None
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("user_id"), str):
-            raise _Transient(f"/account/whoami answered {status}")
-        device = body.get("device_id")
-        return body["user_id"], device if isinstance(device, str) else None
+    def _open_session(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._homeserver = Homeserver(self._session, self.config.matrix.homeserver)
 
     async def _login(self) -> None:
-        m = self.config.matrix
-        session_path = self.data_dir / SESSION_FILE
-        saved = Session.load(session_path)
-        if saved is not None and saved.user_id != m.user_id:
-            log.warning("session file is for %s, not %s: ignoring it", saved.user_id, m.user_id)
-            saved = None
-        if saved is not None and m.device_id is not None and saved.device_id != m.device_id:
-            log.warning(
-                "session file has device %s but matrix.device_id is %s: using %s",
-                saved.device_id,
-                m.device_id,
-                m.device_id,
-            )
-            saved = Session(m.user_id, m.device_id)
-
-        if m.access_token:
-            token = m.access_token.reveal()
-            active_redactor().add(token)
-            who = await self._retrying("whoami", lambda: self._whoami(token))
-            if who is None:
-                raise BotError("matrix.access_token: the homeserver refused it (M_UNKNOWN_TOKEN)")
-            user_id, device_id = who
-            if user_id != m.user_id:
-                raise BotError(
-                    f"matrix.access_token: it belongs to {user_id}, not matrix.user_id {m.user_id}"
-                )
-            device_id = device_id or m.device_id or (saved.device_id if saved else None)
-            if device_id is None:
-                raise BotError(
-                    "matrix.device_id: the homeserver did not say which device the access token "
-                    "belongs to; set matrix.device_id"
-                )
-            self._restore(user_id, device_id, token)
-            Session(user_id, device_id, None, m.homeserver).save(session_path)
-            return
-
-        if saved is not None and saved.access_token:
-            token = saved.access_token
-            active_redactor().add(token)
-            who = await self._retrying("whoami", lambda: self._whoami(token))
-            if who is not None and who[0] == m.user_id and who[1] in (None, saved.device_id):
-                self._restore(m.user_id, saved.device_id, token)
-                log.info("restored session of %s, device %s", m.user_id, saved.device_id)
-                return
-            log.info("saved access token no longer works; logging in again")
-
-        if not m.password:
-            raise BotError("matrix.password: needed to log in (no usable access token)")
-        device_id = m.device_id or (saved.device_id if saved else None)
-        await self._password_login(device_id)
-
-    def _store_secret(self) -> str:
-        try:
-            secret = store_secret(self.data_dir)
-        except (OSError, ValueError) as e:
-            raise BotError(f"storage.data_dir: cannot read the store key: {_describe(e)}") from None
-        active_redactor().add(secret)
-        return secret
-
-    def _restore(self, user_id: str, device_id: str, token: str) -> None:
-        m = self.config.matrix
-        try:  # moves a store still under nio's default pickle key, then loads it
-            client = restore_client(
-                m.homeserver,
-                user_id,
-                device_id,
-                token,
-                self.data_dir,
-                store_dir=self.data_dir / NIO_DIR,
-                pickle_key=self._store_secret(),
-                **_CLIENT_OPTIONS,
-            )
-        except WrongStoreSecret as e:
-            raise BotError(f"{STORE_PASSPHRASE_ENV} / {STORE_KEY_FILE}: {e}") from None
-        self._adopt(client)
-
-    def _adopt(self, client: AsyncClient) -> None:
-        if client.olm is None:
-            raise BotError("encryption is not available: is matrix-nio[e2e] installed?")
-        self.client = client
-        self.state.logged_in = True
-        log.info("logged in as %s, device %s", client.user_id, client.device_id)
-
-    async def _password_login(self, device_id: str | None) -> None:
-        m = self.config.matrix
-        assert m.password is not None
-        password = m.password.reveal()
-        active_redactor().add(password)
-
-        async def attempt() -> AsyncClient:
-            client = self._new_client(device_id)
-            try:
-                resp = await client.login(password, device_name=m.device_name)
-            except BaseException:
-                await client.close()
-                raise
-            if isinstance(resp, LoginResponse):
-                return client
-            await client.close()
-            errcode = getattr(resp, "status_code", None)
-            status = getattr(getattr(resp, "transport_response", None), "status", None)
-            if errcode in _FATAL_ERRCODES or (
-                isinstance(status, int) and 400 <= status < 500 and status != 429
-            ):
-                raise BotError(
-                    f"login as {m.user_id} refused: {errcode or status} "
-                    f"{getattr(resp, 'message', '')}".strip()
-                )
-            raise _Transient(f"login answered {errcode or status or 'an error'}")
-
-        client = await self._retrying("login", attempt)
-        token = client.access_token
-        active_redactor().add(token)
-        Session(m.user_id, client.device_id, token, m.homeserver).save(self.data_dir / SESSION_FILE)
-        self._adopt(client)
+        assert self._homeserver is not None
+        login = BotLogin(
+            self.config.matrix, self.data_dir, self._homeserver, self._backoff, self.state
+        )
+        self.client = await login.login()
 
     # ------------------------------------------------------------------ wiring
 
@@ -531,7 +320,7 @@ class Bot:
 
     async def _build(self) -> None:
         client = self.client
-        assert client is not None and self._session is not None
+        assert client is not None and self._session is not None and self._homeserver is not None
         cfg = self.config
         toolkit = BotToolkit(
             client,
@@ -559,12 +348,14 @@ class Bot:
         )
         self.toolkit = toolkit
         if cfg.verification.enabled and cfg.verification.post_sas_in_dm:
-            toolkit.on(SasReady)(self._post_sas)
+            toolkit.on(SasReady)(
+                SasDm(client, self._homeserver, lambda: toolkit.verification.rooms, self._m_dm)
+            )
         self.plugins.attach(toolkit)
         try:
             await toolkit.start()
         except (StoreError, sqlite3.Error) as e:
-            raise BotError(f"storage.data_dir: cannot use the store: {_describe(e)}") from None
+            raise BotError(f"storage.data_dir: cannot use the store: {describe(e)}") from None
         self.state.outbox_age = toolkit.outbox.oldest_pending_age
         self.state.outbox_is_full = toolkit.outbox.is_full
         if cfg.verification.enabled:
@@ -572,45 +363,30 @@ class Bot:
 
     # ------------------------------------------------------------------ syncing
 
-    async def _sync_loop(self) -> None:
+    async def _sync(self) -> None:
         client = self.client
         assert client is not None
-        first = True
-        while True:
-            try:
-                if client.should_upload_keys:
-                    upload = await client.keys_upload()
-                    if not isinstance(upload, KeysUploadResponse):
-                        raise _Transient(f"keys upload failed: {upload}")
-                timeout_ms = 0 if first else int(self.config.matrix.sync_timeout * 1000)
-                resp = await client.sync(timeout=timeout_ms or 1)
-                if not isinstance(resp, SyncResponse):
-                    errcode = getattr(resp, "status_code", None)
-                    if errcode == "M_UNKNOWN_TOKEN":
-                        raise BotError(
-                            "the homeserver no longer accepts the access token (M_UNKNOWN_TOKEN)"
-                        )
-                    raise _Transient(f"sync answered {errcode or resp}")
-                self._m_syncs.inc()
-                if self._attempt:
-                    log.info("homeserver reachable again after %d failed attempts", self._attempt)
-                self._attempt = 0
-                self.state.synced()
-                if first:
-                    first = False
-                    log.info("first sync done; ready")
-                    self._start_identity(client)
-                    self.ready.set()
-                await self._after_sync(client, resp)
-            except BotError:
-                raise
-            except (_Transient, aiohttp.ClientError, OSError, TimeoutError) as e:
-                self._m_sync_errors.inc("sync")
-                await self._backoff("homeserver", e)
-            except Exception as e:
-                log.exception("sync loop error")
-                self._m_sync_errors.inc("error")
-                await self._backoff("sync", e)
+        toolkit = self.toolkit
+        verification = self.config.verification
+        await SyncLoop(
+            client,
+            sync_timeout=self.config.matrix.sync_timeout,
+            backoff=self._backoff,
+            state=self.state,
+            syncs=self._m_syncs,
+            errors=self._m_sync_errors,
+            allows=verification.allows,
+            first_sync=lambda: self._first_sync(client),
+            device_lists_changed=(
+                toolkit.verification.device_lists_changed
+                if toolkit is not None and verification.enabled
+                else None
+            ),
+        ).run()
+
+    def _first_sync(self, client: AsyncClient) -> None:
+        self._start_identity(client)
+        self.ready.set()
 
     def _start_identity(self, client: AsyncClient) -> None:
         """Check / bootstrap / recover the cross-signing identity in the background (after the
@@ -653,100 +429,6 @@ class Bot:
         except Exception:
             log.exception("user verification could not be enabled")
 
-    async def _after_sync(self, client: AsyncClient, resp: SyncResponse) -> None:
-        """What ``sync_forever`` does between syncs, plus joining invites."""
-        if client.outgoing_to_device_messages:
-            await client.send_to_device_messages()
-        # LocalProtocolError: another task (room_send, the verification manager) took the
-        # query or the claim first.
-        if client.should_query_keys:
-            with contextlib.suppress(LocalProtocolError):
-                await client.keys_query()
-        if client.should_claim_keys:
-            with contextlib.suppress(LocalProtocolError):
-                await client.keys_claim(client.get_users_for_key_claiming())
-        for room_id, info in resp.rooms.invite.items():
-            await self._maybe_join(client, room_id, info)
-        changed = resp.device_list.changed
-        toolkit = self.toolkit
-        if changed and toolkit is not None and self.config.verification.enabled:
-            toolkit.verification.device_lists_changed(changed)
-
-    async def _maybe_join(self, client: AsyncClient, room_id: str, info: Any) -> None:
-        inviter = None
-        for event in getattr(info, "invite_state", []):
-            if (
-                getattr(event, "state_key", None) == client.user_id
-                and getattr(event, "membership", None) == "invite"
-            ):
-                inviter = getattr(event, "sender", None)
-        if not isinstance(inviter, str) or not self.config.verification.allows(inviter):
-            log.info("not joining %s: invited by %s, who is not allowed", room_id, inviter)
-            return
-        resp = await client.join(room_id)
-        if isinstance(resp, JoinResponse):
-            log.info("joined %s (invited by %s)", room_id, inviter)
-        else:
-            log.warning("could not join %s: %s", room_id, resp)
-
-    # ------------------------------------------------------------------ SAS in a DM
-
-    async def _post_sas(self, event: SasReady) -> None:
-        try:
-            toolkit = self.toolkit
-            rooms = toolkit.verification.rooms if toolkit is not None else None
-            if event.room_id is not None and rooms is not None:
-                # An in-room flow: the SAS goes into the flow's own room (encrypted there
-                # when the room is).
-                room_id = event.room_id
-                await rooms.send(room_id, "m.room.message", sas_notice(event))
-            else:
-                room_id = await self._dm_room(event.user_id)
-                await self._send_message(room_id, sas_notice(event))
-        except Exception as e:
-            self._m_dm.inc("failed")
-            log.warning("could not post the SAS to %s: %s", event.user_id, _describe(e))
-            return
-        self._m_dm.inc("sent")
-        log.info("posted the SAS of %s to %s in %s", event.transaction_id, event.user_id, room_id)
-
-    async def _dm_room(self, user_id: str) -> str:
-        """An unencrypted room with just us and ``user_id`` (found, or created with an invite).
-
-        Unencrypted on purpose: the peer's device is not verified yet, so a Megolm key would be
-        withheld from it. The SAS is not secret (it is meant to be shown).
-        """
-        client = self.client
-        assert client is not None
-        known = self._dm_rooms.get(user_id)
-        if known is not None:
-            return known
-        for room in client.rooms.values():
-            members = set(room.users) | set(getattr(room, "invited_users", {}))
-            if not room.encrypted and members == {client.user_id, user_id}:
-                self._dm_rooms[user_id] = room.room_id
-                return str(room.room_id)
-        body = {"preset": "trusted_private_chat", "is_direct": True, "invite": [user_id]}
-        status, data = await self._request(
-            "POST", "/_matrix/client/v3/createRoom", body, token=client.access_token
-        )
-        if status != 200 or not isinstance(data.get("room_id"), str):
-            raise RuntimeError(f"createRoom answered {status} {data.get('errcode', '')}")
-        room_id: str = data["room_id"]
-        self._dm_rooms[user_id] = room_id
-        return room_id
-
-    async def _send_message(self, room_id: str, content: dict[str, Any]) -> None:
-        client = self.client
-        assert client is not None
-        path = (
-            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message/"
-            f"{secrets.token_hex(12)}"
-        )
-        status, data = await self._request("PUT", path, content, token=client.access_token)
-        if status != 200:
-            raise RuntimeError(f"send answered {status} {data.get('errcode', '')}")
-
     # ------------------------------------------------------------------ operator commands
 
     @contextlib.asynccontextmanager
@@ -754,7 +436,7 @@ class Bot:
         """Log in as :meth:`run` does (the same device and session), without syncing or
         serving; for one-off operator commands such as ``bot-toolkit identity``."""
         self._prepare_data_dir()
-        self._session = aiohttp.ClientSession()
+        self._open_session()
         try:
             await self._login()
             assert self.client is not None

@@ -1,7 +1,8 @@
 """The package's layering, read from its import graph, and its front door.
 
-* Library code never imports the standalone bot's modules (``bot``, ``http_api``, ``config``,
-  ``cli``, ``demo``, and the bot's plugin host), by any kind of import: top-level, inside a
+* Library code never imports the standalone bot's modules (``bot`` and its private ``_bot_*``
+  parts, ``http_api``, ``config``, ``cli``, ``demo``, and the bot's plugin host), by any kind of
+  import: top-level, inside a
   function (lazy), under ``TYPE_CHECKING``, or by name through ``importlib`` / a lazy-export
   table.
 * Importing a pure module loads neither nio nor aiohttp (checked in a fresh interpreter).
@@ -42,6 +43,10 @@ STANDALONE = frozenset(
 )
 """The standalone bot: it may import the library, never the other way round."""
 
+STANDALONE_PREFIXES = ("bot_toolkit.plugins", "bot_toolkit._bot_")
+"""Module name prefixes of the standalone bot: its bundled plugins, and the parts split out of
+``bot.py`` (``_bot_login``, ``_bot_sync``, ...)."""
+
 ALLOWED = frozenset({("bot_toolkit", "bot_toolkit.plugin_host")})
 """The front door's lazy export of ``Plugin``/``PluginError`` for plugin authors (loaded only
 when a plugin module imports it, i.e. inside the standalone bot)."""
@@ -55,7 +60,7 @@ def module_name(path: Path) -> str:
 
 
 def _is_standalone(module: str) -> bool:
-    return module in STANDALONE or module.startswith("bot_toolkit.plugins")
+    return module in STANDALONE or module.startswith(STANDALONE_PREFIXES)
 
 
 def imports_of(path: Path) -> set[str]:
@@ -104,7 +109,7 @@ def violations(graph: Mapping[str, Iterable[str]]) -> list[str]:
             continue
         for name in sorted(imported):
             target = next((s for s in STANDALONE if name == s or name.startswith(s + ".")), None)
-            if target is None and name.startswith("bot_toolkit.plugins"):
+            if target is None and name.startswith(STANDALONE_PREFIXES):
                 target = name
             if target is not None and (importer, target) not in ALLOWED:
                 found.append(f"{importer} -> {name}")
@@ -128,10 +133,13 @@ def test_the_checker_sees_every_kind_of_import() -> None:
         "def later():\n"
         "    from bot_toolkit import http_api\n"
         "    from .bot import Bot\n"
+        "    from bot_toolkit._bot_login import BotLogin\n"
         "    return importlib.import_module('bot_toolkit.cli')\n"
     )
     probe = "bot_toolkit.probe"
     assert violations({probe: imports_in(source, "bot_toolkit")}) == [
+        f"{probe} -> bot_toolkit._bot_login",
+        f"{probe} -> bot_toolkit._bot_login.BotLogin",
         f"{probe} -> bot_toolkit.bot",
         f"{probe} -> bot_toolkit.bot.Bot",
         f"{probe} -> bot_toolkit.cli",
@@ -142,6 +150,19 @@ def test_the_checker_sees_every_kind_of_import() -> None:
     ]
     # The same imports from a standalone module are fine.
     assert violations({"bot_toolkit.cli": imports_in(source, "bot_toolkit")}) == []
+    assert violations({"bot_toolkit._bot_sync": imports_in(source, "bot_toolkit")}) == []
+
+
+def test_the_bots_split_out_parts_are_standalone() -> None:
+    """Every ``_bot_*`` module exists in the graph and counts as the standalone bot's."""
+    parts = sorted(m for m in import_graph() if m.startswith("bot_toolkit._bot_"))
+    assert parts == [
+        "bot_toolkit._bot_homeserver",
+        "bot_toolkit._bot_login",
+        "bot_toolkit._bot_sas_dm",
+        "bot_toolkit._bot_sync",
+    ]
+    assert all(_is_standalone(m) for m in parts)
 
 
 PURE = [
