@@ -16,6 +16,7 @@ Part of the standalone bot (:mod:`bot_toolkit.bot`); library code never imports 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Final
@@ -121,8 +122,7 @@ class BotLogin:
                     "belongs to; set matrix.device_id"
                 )
             client = self._restore(user_id, device_id, token)
-            Session(user_id, device_id, None, m.homeserver).save(session_path)
-            return client
+            return await self._saved(client, Session(user_id, device_id, None, m.homeserver))
 
         if saved is not None and saved.access_token:
             token = saved.access_token
@@ -138,6 +138,15 @@ class BotLogin:
             raise BotError("matrix.password: needed to log in (no usable access token)")
         device_id = m.device_id or (saved.device_id if saved else None)
         return await self._password_login(device_id)
+
+    async def _saved(self, client: AsyncClient, session: Session) -> AsyncClient:
+        """``client``, once ``session`` is in the session file; closed when that write fails."""
+        try:
+            await asyncio.to_thread(session.save, self.data_dir / SESSION_FILE)
+        except BaseException:
+            await client.close()
+            raise
+        return client
 
     async def _whoami(self, token: str) -> tuple[str, str | None] | None:
         """(user id, device id) of a token; None when the homeserver refuses it."""
@@ -220,5 +229,5 @@ class BotLogin:
         client = await self.backoff.retrying("login", attempt)
         token = client.access_token
         active_redactor().add(token)
-        Session(m.user_id, client.device_id, token, m.homeserver).save(self.data_dir / SESSION_FILE)
+        await self._saved(client, Session(m.user_id, client.device_id, token, m.homeserver))
         return self._adopt(client)

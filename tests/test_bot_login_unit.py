@@ -5,6 +5,7 @@ attempts while the homeserver is unreachable."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -107,3 +108,52 @@ async def test_retrying_lets_a_fatal_error_through_at_once() -> None:
     errors = metrics.get("sync_errors_total")
     assert sleeps.delays == [] and errors is not None and errors.get("login") == 0
     assert state.last_error is None
+
+
+async def test_a_session_file_that_cannot_be_written_closes_the_new_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token login: the homeserver (a stand-in answering ``/whoami``) accepts the token, the
+    store opens, then writing ``session.json`` fails: the error goes up and the client that was
+    just restored is closed, not left behind."""
+    from aiohttp import web  # noqa: PLC0415
+    from aiohttp.test_utils import TestServer  # noqa: PLC0415
+    from nio import AsyncClient  # noqa: PLC0415
+
+    from bot_toolkit._bot_homeserver import Homeserver  # noqa: PLC0415
+    from bot_toolkit._bot_login import SESSION_FILE, BotLogin  # noqa: PLC0415
+    from bot_toolkit.config import MatrixConfig, Secret  # noqa: PLC0415
+
+    async def whoami(_request: web.Request) -> web.Response:
+        return web.json_response({"user_id": "@bot:example.org", "device_id": "BOTDEV"})
+
+    app = web.Application()
+    app.router.add_get("/_matrix/client/v3/account/whoami", whoami)
+    closed: list[AsyncClient] = []
+    original_close = AsyncClient.close
+
+    async def recording_close(self: AsyncClient) -> None:
+        closed.append(self)
+        await original_close(self)
+
+    monkeypatch.setattr(AsyncClient, "close", recording_close)
+    monkeypatch.setenv("BOT_TOOLKIT_STORE_PASSPHRASE", "test passphrase")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        url = str(server.make_url("")).rstrip("/")
+        matrix = MatrixConfig(
+            homeserver=url, user_id="@bot:example.org", access_token=Secret("syt_token")
+        )
+        state = BotState()
+        login = BotLogin(
+            matrix,
+            data_dir,
+            Homeserver(session, url),
+            Backoff(state, 1.0, Metrics().counter("t_errors", "t", ("step",))),
+            state,
+        )
+        (data_dir / SESSION_FILE).mkdir()  # the rename onto it fails
+        with pytest.raises(OSError):
+            await login.login()
+    assert [c.device_id for c in closed] == ["BOTDEV"]
