@@ -30,3 +30,13 @@ def test_sas_notice_escapes_the_peer_chosen_device_id() -> None:
     assert "<img" not in notice["formatted_body"]
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in notice["formatted_body"]
     assert notice["format"] == "org.matrix.custom.html"
+
+
+def test_the_sas_as_one_line_of_text() -> None:
+    from bot_toolkit import SasPrompt  # noqa: PLC0415 - the front door, as a bot uses it
+
+    line = "🐶 Dog, 🔑 Key, 🎩 Hat, 🌙 Moon, ⏰ Clock, 🏁 Flag, 🐧 Penguin | 1234 5678 9012"
+    assert SasPrompt("t", "@a:x", "D", EMOJI, (1234, 5678, 9012)).text == line
+    assert SasReady("t", "@a:x", "D", EMOJI, (1234, 5678, 9012)).text == line
+    assert SasReady("t", "@a:x", "D", (), (1, 2, 3)).text == "1 2 3"  # decimals only
+    assert SasPrompt("t", "@a:x", "D", EMOJI[:1], None).text == "🐶 Dog"  # emoji only

@@ -53,8 +53,21 @@ class VerificationRequested:
     """The room of an in-room flow (then ``transaction_id`` is the request's event id)."""
 
 
+class _ShowsSas:
+    """``text``: the SAS of an event that carries one, as one line to show a person."""
+
+    __slots__ = ()
+    emoji: tuple[tuple[str, str], ...]
+    decimals: tuple[int, int, int] | None
+
+    @property
+    def text(self) -> str:
+        """The SAS as one line: ``"🐶 Dog, 🔑 Key, ... | 1234 5678 9012"``."""
+        return format_sas(self.emoji, self.decimals)
+
+
 @dataclass(frozen=True, slots=True)
-class SasReady:
+class SasReady(_ShowsSas):
     """Keys are exchanged: both sides now show this SAS and wait for a decision."""
 
     transaction_id: str
@@ -66,11 +79,6 @@ class SasReady:
     """The three numbers; ``None`` when decimals were not agreed."""
     room_id: str | None = None
     """The room of an in-room flow, else ``None``."""
-
-    @property
-    def text(self) -> str:
-        """The SAS as one line to show a person: ``"🐶 Dog, 🔑 Key, ... | 1234 5678 9012"``."""
-        return format_sas(self.emoji, self.decimals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +112,7 @@ class VerificationCancelled:
 
 
 @dataclass(frozen=True, slots=True)
-class SasPrompt:
+class SasPrompt(_ShowsSas):
     """What the policy's ``confirm`` callback is asked to compare (same data as SasReady)."""
 
     transaction_id: str
@@ -112,8 +120,3 @@ class SasPrompt:
     device_id: str
     emoji: tuple[tuple[str, str], ...]
     decimals: tuple[int, int, int] | None
-
-    @property
-    def text(self) -> str:
-        """The SAS as one line to show a person: ``"🐶 Dog, 🔑 Key, ... | 1234 5678 9012"``."""
-        return format_sas(self.emoji, self.decimals)
