@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from bot_toolkit._bounded import BoundedMap
 from bot_toolkit._client_http import homeserver_json
+from bot_toolkit._single_flight import SingleFlight
 from bot_toolkit.metrics import Metrics
 
 __all__ = [
@@ -115,7 +116,7 @@ class KeyQueries:
         self.negative_ttl = negative_ttl
         self._clock = clock
         self._queried: BoundedMap[str, float] = BoundedMap(max_users)
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: SingleFlight[str, None] = SingleFlight()
         self._m = (metrics or Metrics()).counter(
             "key_queries_total",
             "Device-key queries caused by peers (result: done, cached, timeout, failed)",
@@ -151,29 +152,19 @@ class KeyQueries:
         ``force`` skips the negative cache (nio asks because the user's device list changed).
         Never raises for a failed or slow query: it logs, counts and returns False.
         """
-        task = self._in_flight.get(user_id)
-        if task is None:
+        if user_id not in self._in_flight:
             if not force and self.recently_queried(user_id):
                 self._m.inc("cached")
                 return False
             self._queried[user_id] = self._clock()
-            task = asyncio.ensure_future(self._run(user_id))
-            self._in_flight[user_id] = task
-            task.add_done_callback(self._forget)
         try:
-            await asyncio.shield(task)  # bounded by the task's own timeout
+            # bounded by the query's own timeout
+            await self._in_flight.share(user_id, lambda: self._run(user_id))
         except TimeoutError:
             return False
         except Exception:
             return False
         return True
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        for user_id, running in list(self._in_flight.items()):
-            if running is task:
-                del self._in_flight[user_id]
-        if not task.cancelled():
-            task.exception()  # retrieved: counted and logged in _run
 
     async def _run(self, user_id: str) -> None:
         try:
@@ -191,7 +182,4 @@ class KeyQueries:
 
     async def close(self) -> None:
         """Cancel the queries still running."""
-        tasks = list(self._in_flight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._in_flight.cancel()

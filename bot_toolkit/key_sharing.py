@@ -287,13 +287,19 @@ class KeySharing:
         await self.join()
 
     @property
-    def busy(self) -> bool:
-        """Whether background work (ledger updates, ``m.dummy`` answers) is still running."""
-        return bool(self._tasks)
+    def idle(self) -> bool:
+        """``True`` while no background work (ledger updates, ``m.dummy`` answers) runs (what
+        :meth:`join` awaits)."""
+        return not self._tasks
 
-    async def join(self) -> None:
-        """Wait until the background work running now, and any it starts, has finished."""
-        await self._tasks.join()
+    async def join(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until :attr:`idle`: the background work running now, and any it starts, has
+        finished (a failure is logged and counted, not raised).
+
+        Returns ``True`` once idle (at once if it already is), ``False`` if work still runs
+        after ``timeout`` seconds (``None``: no limit; nothing is cancelled).
+        """
+        return await self._tasks.join(timeout)
 
     async def recover(self) -> int:
         """Record Olm sessions that exist with devices the ledger holds as told (a crash can

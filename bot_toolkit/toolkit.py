@@ -336,7 +336,7 @@ class BotToolkit:
         return (
             self._dispatcher.idle
             and (self._manager is None or self._manager.idle)
-            and (self._sharing is None or not self._sharing.busy)
+            and (self._sharing is None or self._sharing.idle)
             and (self._outbox is None or self._outbox.idle)
         )
 

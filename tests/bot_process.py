@@ -112,7 +112,7 @@ class BotProcess:
         async with asyncio.timeout(within):
             while True:
                 assert await self.dispatcher.join()
-                if self.sharing.busy:
+                if not self.sharing.idle:
                     await self.sharing.join()
                 elif await self.dispatcher.join(timeout=0):
                     return

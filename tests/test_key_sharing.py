@@ -149,6 +149,33 @@ async def test_attach_patches_instances_and_detach_restores(offline: Offline) ->
     assert "save_session" not in vars(olm)
 
 
+async def test_join_waits_for_background_work_and_cancels_nothing(offline: Offline) -> None:
+    sharing = await key_sharing.attach(
+        offline.client, store=offline.store, outbox=FakeOutbox(), dispatcher=offline.dispatcher
+    )
+    assert sharing.idle
+    assert await sharing.join(0)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def work() -> None:  # background work that starts more background work
+        await release.wait()
+        sharing._spawn(more())
+
+    async def more() -> None:
+        finished.append("more")
+
+    sharing._spawn(work())
+    assert not sharing.idle
+    assert not await sharing.join(0.01)  # times out: the work goes on, not cancelled
+    assert not sharing.idle
+    release.set()
+    assert await sharing.join(10)
+    assert finished == ["more"]  # the work it started was waited for too
+    assert sharing.idle
+    await sharing.close()
+
+
 async def test_recover_resends_a_pending_notice_with_its_recorded_txn_id(
     offline: Offline,
 ) -> None:
@@ -413,7 +440,7 @@ async def test_the_dummy_slot_is_given_back_when_nothing_was_sent(offline: Offli
 
     async def answer() -> None:  # the answer runs off the dispatcher, in the background
         await sharing._on_withheld(_no_olm(device))
-        await sharing.join()
+        assert await sharing.join(10)
 
     # No one-time key: nothing sent, so the next m.no_olm may try again within the hour.
     await answer()
@@ -499,7 +526,7 @@ async def test_no_olm_answers_are_rate_limited_per_sender(offline: Offline) -> N
 
     async def answer(sender: str, n: int) -> None:
         await sharing._on_withheld(notice(sender, n))
-        await sharing.join()
+        assert await sharing.join(10)
 
     # 100 m.no_olm naming unknown devices: the bucket's worth of answers, and of those only
     # one device-list query (the per-user negative cache).

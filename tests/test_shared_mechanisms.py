@@ -1,5 +1,5 @@
-"""The shared mechanisms that exist once: BoundedMap, TaskSet, DecodeErrorReporter, HookSet
-(and NioHooks, the nio adapter's hook set on top of it)."""
+"""The shared mechanisms that exist once: BoundedMap, TaskSet, SingleFlight,
+DecodeErrorReporter, HookSet (and NioHooks, the nio adapter's hook set on top of it)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bot_toolkit._bounded import BoundedMap
 from bot_toolkit._decode_report import DecodeErrorReporter
 from bot_toolkit._nio_adapter import NioHooks
 from bot_toolkit._patching import HookSet
+from bot_toolkit._single_flight import SingleFlight
 from bot_toolkit._tasks import TaskSet
 from bot_toolkit.events import DecodeError
 from bot_toolkit.metrics import Metrics
@@ -97,6 +98,73 @@ async def test_task_set_cancel_with_grace_reports_tasks_that_ignore_it(
     release.set()
     assert await tasks.join(5) and len(tasks) == 0
     assert await tasks.cancel(grace=0.01) == 0  # nothing left to cancel
+
+
+async def test_single_flight_shares_one_run_per_key_and_forgets_it_when_it_ends() -> None:
+    flights: SingleFlight[str, str] = SingleFlight()
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def work(key: str) -> str:
+        started.append(key)
+        await gate.wait()
+        return f"{key}{started.count(key)}"  # which run of this key answered
+
+    a1 = flights.share("a", lambda: work("a"))
+    a2 = flights.share("a", lambda: work("a"))  # joins the run in flight
+    b = flights.share("b", lambda: work("b"))  # another key: its own run
+    assert len(flights) == 2 and "a" in flights and "b" in flights
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(a1, a2, b), 5) == ["a1", "a1", "b1"]
+    assert started == ["a", "b"]
+    assert len(flights) == 0 and "a" not in flights  # ended: the next caller starts anew
+    assert await asyncio.wait_for(flights.share("a", lambda: work("a")), 5) == "a2"
+    assert started == ["a", "b", "a"]
+
+
+async def test_single_flight_gives_the_error_to_every_caller() -> None:
+    flights: SingleFlight[str, None] = SingleFlight()
+    gate = asyncio.Event()
+    runs: list[int] = []
+
+    async def fails() -> None:
+        runs.append(1)
+        await gate.wait()
+        raise RuntimeError("boom")
+
+    callers = [flights.share("k", fails) for _ in range(3)]
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert [type(r) for r in results] == [RuntimeError] * 3 and runs == [1]
+    assert "k" not in flights
+
+
+async def test_single_flight_caller_giving_up_leaves_the_run_to_the_others() -> None:
+    flights: SingleFlight[str, str] = SingleFlight()
+    gate = asyncio.Event()
+
+    async def work() -> str:
+        await gate.wait()
+        return "done"
+
+    impatient = flights.share("k", work)
+    patient = flights.share("k", work)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(impatient, 0.01)  # cancels its share, not the run
+    assert "k" in flights
+    gate.set()
+    assert await asyncio.wait_for(patient, 5) == "done"
+
+
+async def test_single_flight_cancel_ends_every_run() -> None:
+    flights: SingleFlight[str, None] = SingleFlight()
+    hangs = [flights.share(key, asyncio.Event().wait) for key in "ab"]
+    assert len(flights) == 2
+    await asyncio.wait_for(flights.cancel(), 5)
+    assert len(flights) == 0
+    for share in hangs:
+        with pytest.raises(asyncio.CancelledError):
+            await share
 
 
 def test_decode_error_reporter_counts_all_and_logs_each_distinct_once(

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from .._client_http import homeserver_json
+from .._single_flight import SingleFlight
 from .._types import DeviceId, UserId
 
 __all__ = ["KeySource", "NioDeviceTrust", "NioKeySource", "PeerKeys"]
@@ -166,7 +167,7 @@ class PeerKeys:
     def __init__(self, source: KeySource, *, query_timeout: float) -> None:
         self.source = source
         self.query_timeout = query_timeout
-        self._queries: dict[str, asyncio.Future[None]] = {}
+        self._queries: SingleFlight[str, None] = SingleFlight()
 
     async def ensure(self, user_id: str, device_id: str) -> str | None:
         """The device's ed25519 key, querying the user's keys (bounded) when unknown."""
@@ -174,17 +175,9 @@ class PeerKeys:
         if ed is not None:
             return ed
         log.info("holding verification from %s %s while its keys are queried", user_id, device_id)
-        fut = self._queries.get(user_id)
-        if fut is None:
-            fut = asyncio.ensure_future(self.source.query(user_id))
-            self._queries[user_id] = fut
-
-            def forget(_f: asyncio.Future[None], user: str = user_id) -> None:
-                self._queries.pop(user, None)
-
-            fut.add_done_callback(forget)
+        shared = self._queries.share(user_id, lambda: self.source.query(user_id))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.query_timeout)
+            await asyncio.wait_for(shared, self.query_timeout)
         except TimeoutError:
             log.warning("keys of %s did not arrive within %.0fs", user_id, self.query_timeout)
         except Exception:
