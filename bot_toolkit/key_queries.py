@@ -157,11 +157,8 @@ class KeyQueries:
                 self._m.inc("cached")
                 return False
             self._queried[user_id] = self._clock()
-        try:
-            # bounded by the query's own timeout
+        try:  # bounded by the query's own timeout; failures are counted and logged in _run
             await self._in_flight.share(user_id, lambda: self._run(user_id))
-        except TimeoutError:
-            return False
         except Exception:
             return False
         return True

@@ -104,6 +104,12 @@ class Fault:
         return Fault("reply", status=status, body=body, retry_after_ms=retry_after_ms)
 
 
+def delay_while(flag: asyncio.Event, seconds: float) -> Callable[[int], Fault]:
+    """A policy: requests pass through, but while ``flag`` is set each one is delayed
+    ``seconds`` before it is forwarded (a homeserver that stalls on demand)."""
+    return lambda _n: Fault.delay(seconds) if flag.is_set() else Fault.passthrough()
+
+
 @dataclass(slots=True)
 class Hit:
     """One matching request the proxy saw."""

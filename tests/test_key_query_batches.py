@@ -18,7 +18,7 @@ import pytest
 
 from bot_toolkit import _key_query_guard
 from bot_toolkit.withheld import SharingPolicy
-from tests.fault_proxy import Fault, FaultProxy
+from tests.fault_proxy import FaultProxy, delay_while
 from tests.nio_helpers import wait_until
 from tests.synapse import LocalSynapse
 from tests.verification_helpers import running_bot
@@ -38,7 +38,7 @@ async def test_pending_users_are_queried_in_batches_once(
     proxy = FaultProxy(
         synapse.url,
         match="/keys/query",
-        policy=lambda n: Fault.delay(3 * T) if hold.is_set() else Fault.passthrough(),
+        policy=delay_while(hold, 3 * T),
     )
     await proxy.start()
     first = [(await asyncio.to_thread(synapse.register)).user_id for _ in range(USERS)]
@@ -95,7 +95,7 @@ async def test_a_caller_waits_for_the_batch_already_asking_for_its_users(
     proxy = FaultProxy(
         synapse.url,
         match="/keys/query",
-        policy=lambda n: Fault.delay(3 * T) if hold.is_set() else Fault.passthrough(),
+        policy=delay_while(hold, 3 * T),
     )
     await proxy.start()
     member = (await asyncio.to_thread(synapse.register)).user_id

@@ -26,7 +26,7 @@ from nio import RoomCreateResponse
 from bot_toolkit.key_queries import CONCURRENCY
 from bot_toolkit.verification import VerificationDone, VerificationPolicy
 from bot_toolkit.withheld import SharingPolicy
-from tests.fault_proxy import Fault, FaultProxy
+from tests.fault_proxy import FaultProxy, delay_while
 from tests.nio_helpers import close_clients, make_client, wait_until
 from tests.synapse import LocalSynapse
 from tests.test_hostile_flood import Flooders
@@ -64,7 +64,7 @@ async def test_stalled_key_queries_do_not_delay_an_allowed_verification(
     proxy = FaultProxy(
         synapse.url,
         match="/keys/query",
-        policy=lambda n: Fault.delay(3 * T) if stall.is_set() else Fault.passthrough(),
+        policy=delay_while(stall, 3 * T),
     )
     await proxy.start()
     members = [await asyncio.to_thread(synapse.register) for _ in range(MEMBERS)]
